@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine: a virtual environment with the pinned requirements
+# in .venv, and real Fashion-MNIST from Debian's package when apt is available (as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements.txt
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+    && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "Installing real Fashion-MNIST (Debian package dataset-fashion-mnist)..."
+  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+    || echo "dataset-fashion-mnist not installed; the Fashion-MNIST configs will use tfds."
+fi
+.venv/bin/python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"

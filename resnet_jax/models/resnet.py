@@ -1,0 +1,293 @@
+"""Residual networks: ResNet v1/v1.5 (He et al. 2015), the CIFAR 6n+2 nets of the same
+paper, and the pre-activation ResNet v2 (He et al. 2016, "Identity Mappings").
+
+Layer names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
+`fc`) so that weights map one to one. Every variant is a field setting of `ResNet` or
+`PreActResNet`; see `resnet_jax.models.get_model` for the registered names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from resnet_jax.models.common import (
+    ModuleDef,
+    check_choice,
+    make_conv,
+    make_dense,
+    make_norm,
+    pad,
+)
+from resnet_jax.models.layers import global_avg_pool, zero_pad_shortcut
+
+SHORTCUTS = ("projection", "zero_pad")
+STRIDE_ON = ("3x3", "1x1")
+BLOCKS = ("basic", "bottleneck")
+DOWNSAMPLE = ("stride", "pool")
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def _shortcut(
+    x: jax.Array,
+    out_channels: int,
+    strides: int,
+    kind: str,
+    conv: ModuleDef,
+    norm: ModuleDef | None,
+) -> jax.Array:
+    """Identity when shapes agree, otherwise a projection (option B) or zero-pad (option A)."""
+    if x.shape[-1] == out_channels and strides == 1:
+        return x
+    if kind == "zero_pad":
+        return zero_pad_shortcut(x, out_channels, strides)
+    x = conv(out_channels, (1, 1), strides=strides, padding="VALID", name="downsample_conv")(x)
+    return norm(name="downsample_bn")(x) if norm is not None else x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (ResNet-18/34, CIFAR nets)."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: str = "projection"
+    stride_on: str = "3x3"  # unused: a basic block has only 3x3 convolutions
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=pad(3), name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), padding=pad(3), name="conv2")(y)
+        last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(scale_init=last_init, name="bn2")(y)
+        residual = _shortcut(x, self.features, self.strides, self.shortcut, self.conv, self.norm)
+        return nn.relu(y + residual)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50/101/152).
+
+    `stride_on="3x3"` puts the stride on the 3x3 convolution (torchvision, "v1.5");
+    `"1x1"` on the first 1x1 as in the paper and Keras' ResNet50.
+    """
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: str = "projection"
+    stride_on: str = "3x3"
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s1, s3 = (1, self.strides) if self.stride_on == "3x3" else (self.strides, 1)
+        y = self.conv(self.features, (1, 1), strides=s1, padding="VALID", name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), strides=s3, padding=pad(3), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        out = self.features * EXPANSION["bottleneck"]
+        y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
+        last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = self.norm(scale_init=last_init, name="bn3")(y)
+        residual = _shortcut(x, out, self.strides, self.shortcut, self.conv, self.norm)
+        return nn.relu(y + residual)
+
+
+class ResNet(nn.Module):
+    """ResNet v1 (post-activation). ImageNet layout by default; the CIFAR 6n+2 nets set
+    `stage_widths=(16, 32, 64)`, a 3x3 stem without pooling and `shortcut="zero_pad"`.
+
+    Attributes:
+      stage_sizes: residual blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+      block: "basic" (two 3x3) or "bottleneck" (1x1-3x3-1x1, expansion 4).
+      num_classes: size of the final dense layer.
+      stage_widths: channels of each stage (before bottleneck expansion).
+      stem_width, stem_kernel, stem_strides, stem_pool: the first convolution and whether a
+        3x3/2 max-pool follows it. Any input size works: nothing depends on 224.
+      shortcut: "projection" (option B, 1x1 conv + BN) or "zero_pad" (option A, parameter-free).
+      stride_on: "3x3" (torchvision v1.5) or "1x1" (paper, Keras) in bottleneck blocks.
+      zero_init_residual: start the last BN gamma of every residual branch at zero (Goyal et al.
+        2017); off by default, as in the paper.
+      dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+      bn_momentum: Flax convention, the weight of the old running average: 0.9 here is the
+        same as PyTorch's BatchNorm momentum=0.1.
+      bn_epsilon: 1e-5 as torchvision; Keras' ResNet50 uses 1.001e-5.
+      axis_name: mapped axis over which BatchNorm statistics are synchronised, or None.
+      conv_bias: convolutions with biases (Keras' ResNet50 has them; torchvision's do not).
+      conv_general_dilated: an alternative convolution primitive for every conv (None: lax's).
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "basic"
+    num_classes: int = 1000
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    stem_kernel: int = 7
+    stem_strides: int = 2
+    stem_pool: bool = True
+    shortcut: str = "projection"
+    stride_on: str = "3x3"
+    zero_init_residual: bool = False
+    dtype: jnp.dtype = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    axis_name: str | None = None
+    conv_bias: bool = False
+    conv_general_dilated: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_choice("block", self.block, BLOCKS)
+        check_choice("shortcut", self.shortcut, SHORTCUTS)
+        check_choice("stride_on", self.stride_on, STRIDE_ON)
+        if len(self.stage_sizes) != len(self.stage_widths):
+            raise ValueError(
+                f"stage_sizes {tuple(self.stage_sizes)} and stage_widths "
+                f"{tuple(self.stage_widths)} must have the same length"
+            )
+        conv = make_conv(self.dtype, self.conv_bias, self.conv_general_dilated)
+        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name)
+        block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
+
+        x = jnp.asarray(x, self.dtype)
+        k = self.stem_kernel
+        x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
+        x = nn.relu(norm(name="bn1")(x))
+        if self.stem_pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+            for j in range(size):
+                x = block_cls(
+                    features=width,
+                    strides=2 if i > 0 and j == 0 else 1,
+                    conv=conv,
+                    norm=norm,
+                    shortcut=self.shortcut,
+                    stride_on=self.stride_on,
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"layer{i + 1}_{j}",
+                )(x)
+        x = global_avg_pool(x)
+        x = make_dense(self.dtype)(self.num_classes, name="fc")(x)
+        return jnp.asarray(x, jnp.float32)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3, BN-ReLU-conv3x3, identity added after."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out = nn.relu(self.norm(name="bn1")(x))
+        # A projection sees the pre-activated input, as in the paper's reference code.
+        residual = _shortcut(
+            x if (x.shape[-1] == self.features and self.strides == 1) else out,
+            self.features, self.strides, self.shortcut, self.conv, None,
+        )
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=pad(3), name="conv1")(out)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.features, (3, 3), padding=pad(3), name="conv2")(y)
+        return y + residual
+
+
+class PreActBottleneckBlock(nn.Module):
+    """Pre-activation bottleneck: BN-ReLU-conv1x1, BN-ReLU-conv3x3 (stride), BN-ReLU-conv1x1."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    shortcut: str = "projection"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        out_channels = self.features * EXPANSION["bottleneck"]
+        out = nn.relu(self.norm(name="bn1")(x))
+        identity = x.shape[-1] == out_channels and self.strides == 1
+        residual = _shortcut(
+            x if identity else out, out_channels, self.strides, self.shortcut, self.conv, None
+        )
+        y = self.conv(self.features, (1, 1), padding="VALID", name="conv1")(out)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = self.conv(self.features, (3, 3), strides=self.strides, padding=pad(3), name="conv2")(y)
+        y = nn.relu(self.norm(name="bn3")(y))
+        y = self.conv(out_channels, (1, 1), padding="VALID", name="conv3")(y)
+        return y + residual
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet v2 (He et al. 2016). ImageNet layout by default; the CIFAR
+    nets (preact_resnet110/164) use a 3x3 stem and widths (16, 32, 64).
+
+    The stem is a bare convolution (plus max-pool in the ImageNet layout): the first block
+    pre-activates its input. A final BN-ReLU precedes global pooling.
+
+    Attributes (beyond those shared with `ResNet`):
+      downsample: "stride" (first block of a stage has stride 2) or "pool" (2x2 max-pool
+        between stages, blocks keep stride 1, as in the small MNIST net).
+      head_hidden: width of a dense+ReLU layer before the classifier, or None.
+    """
+
+    stage_sizes: Sequence[int]
+    block: str = "basic"
+    num_classes: int = 1000
+    stage_widths: Sequence[int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    stem_kernel: int = 7
+    stem_strides: int = 2
+    stem_pool: bool = True
+    shortcut: str = "projection"
+    downsample: str = "stride"
+    head_hidden: int | None = None
+    dtype: jnp.dtype = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    axis_name: str | None = None
+    conv_general_dilated: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_choice("block", self.block, BLOCKS)
+        check_choice("shortcut", self.shortcut, SHORTCUTS)
+        check_choice("downsample", self.downsample, DOWNSAMPLE)
+        conv = make_conv(self.dtype, False, self.conv_general_dilated)
+        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name)
+        block_cls = PreActBlock if self.block == "basic" else PreActBottleneckBlock
+
+        x = jnp.asarray(x, self.dtype)
+        k = self.stem_kernel
+        x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
+        if self.stem_pool:
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
+            if i > 0 and self.downsample == "pool":
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            for j in range(size):
+                strides = 2 if (i > 0 and j == 0 and self.downsample == "stride") else 1
+                x = block_cls(
+                    features=width,
+                    strides=strides,
+                    conv=conv,
+                    norm=norm,
+                    shortcut=self.shortcut,
+                    name=f"layer{i + 1}_{j}",
+                )(x)
+        x = nn.relu(norm(name="bn_final")(x))
+        x = global_avg_pool(x)
+        dense = make_dense(self.dtype)
+        if self.head_hidden:
+            x = nn.relu(dense(self.head_hidden, name="fc_hidden")(x))
+        x = dense(self.num_classes, name="fc")(x)
+        return jnp.asarray(x, jnp.float32)
