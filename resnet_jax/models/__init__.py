@@ -93,6 +93,14 @@ _REGISTRY["fashion_mnist_resnet50"] = ModelSpec(
     ResNet, dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"), MNIST, 10,
     "ResNet-50, ImageNet layout, on 28x28x1 Fashion-MNIST (the Fashion-MNIST seed)",
 )
+_REGISTRY["fashion_mnist_resnet8"] = ModelSpec(
+    ResNet,
+    dict(stage_sizes=(1, 1, 1), stage_widths=(32, 64, 128), stem_width=32, stem_kernel=3,
+         stem_strides=2, stem_pool=False),
+    MNIST, 10,
+    "ResNet-8 for 28x28 inputs: 3x3/2 stem, one basic block per stage (32, 64, 128), "
+    "projection shortcuts; the main job's net, sized for a 2-core CPU",
+)
 _REGISTRY["alexnet"] = ModelSpec(
     AlexNet, {}, IMAGENET, 1000,
     "AlexNet as in Krizhevsky et al. 2012: LRN, two towers (grouped conv2/4/5)",

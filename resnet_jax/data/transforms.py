@@ -1,0 +1,69 @@
+"""Per-batch image transforms in NumPy. Random choices are drawn for the whole global batch
+from a generator seeded by (seed, step), so they do not depend on how the batch is split
+across processes or on where a run was resumed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+AUGMENTATIONS = ("none", "flip", "crop_flip", "inception")
+
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 NHWC -> float32, scaled to [0, 1] then standardised per channel."""
+    x = images.astype(np.float32) * (1.0 / 255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def crop_flip_params(rng: np.random.Generator, n: int, pad: int, flip: bool):
+    """Offsets in [0, 2*pad] and flip flags for n images."""
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2)) if pad else np.zeros((n, 2), np.int64)
+    flips = rng.random(n) < 0.5 if flip else np.zeros(n, bool)
+    return offsets, flips
+
+
+def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int):
+    """Zero-pad by `pad`, crop back to the original size at `offsets`, mirror where `flips`."""
+    n, h, w, _ = images.shape
+    if pad:
+        padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        rows = offsets[:, 0, None] + np.arange(h)[None, :]  # (n, h)
+        cols = offsets[:, 1, None] + np.arange(w)[None, :]  # (n, w)
+        images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if flips.any():
+        images = images.copy()
+        images[flips] = images[flips, :, ::-1]
+    return images
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    squeeze = image.shape[-1] == 1
+    pil = Image.fromarray(image[..., 0] if squeeze else image)
+    out = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+    return out[..., None] if squeeze else out
+
+
+def random_resized_crop(rng: np.random.Generator, image: np.ndarray, size: int,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """Inception-style crop (Szegedy et al. 2015): random area and aspect, resized to size."""
+    h, w = image.shape[:2]
+    for _ in range(10):
+        area = h * w * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
+        if 0 < ch <= h and 0 < cw <= w:
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            return _resize(image[top:top + ch, left:left + cw], (size, size))
+    return center_crop(image, size)
+
+
+def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
+    """Resize the shorter side to size / crop_fraction, then take the central size x size."""
+    h, w = image.shape[:2]
+    short = int(round(size / crop_fraction))
+    nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+    image = _resize(image, (nh, nw))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return image[top:top + size, left:left + size]

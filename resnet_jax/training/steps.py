@@ -1,0 +1,110 @@
+"""Pure train and eval steps, written once in per-device (SPMD) form.
+
+`axis_name` names the device axis that gradients and metrics are averaged over; it is None
+on a single device. The strategy (`parallel.py`) decides how a step is mapped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from resnet_jax.training.optim import current_learning_rate
+from resnet_jax.training.state import TrainState
+
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
+    logits = logits.astype(jnp.float32)
+    num_classes = logits.shape[-1]
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
+        if label_smoothing else jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits (ties broken by index)."""
+    k = min(k, logits.shape[-1])
+    _, top = lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def _mean(x: jax.Array, axis_name: str | None) -> jax.Array:
+    return lax.pmean(x, axis_name) if axis_name else x
+
+
+def _sum(x, axis_name: str | None):
+    return lax.psum(x, axis_name) if axis_name else x
+
+
+def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
+                    label_smoothing: float = 0.0, axis_name: str | None = None
+                    ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
+    """train_step(state, batch, rng) -> (state, metrics) for `model` and optimizer `tx`.
+
+    The dropout key is `fold_in(rng, step)` (and the device index when mapped), so a run
+    resumed at step s draws the same dropout masks as an uninterrupted one.
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        key = jax.random.fold_in(rng, state.step)
+        if axis_name:
+            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                train=True, mutable=["batch_stats"], rngs={"dropout": key},
+            )
+            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+            return loss, (logits, updates.get("batch_stats", state.batch_stats))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        grads = _mean(grads, axis_name)
+        loss = _mean(loss, axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "accuracy": _mean(jnp.mean(topk_correct(logits, batch["label"], 1)), axis_name),
+            "learning_rate": current_learning_rate(schedule, state.opt_state, state.step),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model, num_classes: int, axis_name: str | None = None
+                   ) -> Callable[[TrainState, dict], Metrics]:
+    """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch:
+    loss, top-1 and top-5 hits, count, and the confusion matrix (true x predicted)."""
+
+    def eval_step(state: TrainState, batch: dict) -> Metrics:
+        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                             batch["image"], train=False)
+        mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
+        labels = batch["label"]
+        predicted = jnp.argmax(logits, -1)
+        confusion = jnp.einsum("ni,nj->ij", jax.nn.one_hot(labels, num_classes) * mask[:, None],
+                               jax.nn.one_hot(predicted, num_classes))
+        sums = {
+            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+            "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+            "count": jnp.sum(mask),
+            "confusion": confusion,
+        }
+        return _sum(sums, axis_name)
+
+    return eval_step

@@ -1,0 +1,338 @@
+"""Specification of the training engine (issue: training engine and the main job)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from conftest import ROOT
+from resnet_jax.data import pipeline
+from resnet_jax.data.sources import DATASETS, DEBIAN_FASHION_MNIST, ArraySource, load_source, read_idx
+from resnet_jax.training import loop
+from resnet_jax.training.checkpoint import Checkpointer
+from resnet_jax.training.config import base_config, validate_config
+from resnet_jax.training.optim import kernel_mask, make_optimizer, plateau_scale
+from resnet_jax.training.state import create_train_state
+from resnet_jax.training.steps import cross_entropy, make_eval_step, make_train_step, topk_correct
+
+CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
+
+
+@pytest.fixture
+def real_fashion_mnist():
+    """The Debian package's files; experiments/setup.sh installs them, so absence is a failure."""
+    if not os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, "train-images-idx3-ubyte.gz")):
+        pytest.fail("real Fashion-MNIST is missing: apt-get install dataset-fashion-mnist")
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def quick_fashion_config(**overrides) -> ml_collections.ConfigDict:
+    c = load_config("fashion_mnist")
+    c.train_subset, c.eval_subset = 1024, 1000
+    c.batch_size, c.eval_batch_size = 64, 300
+    c.num_epochs = 2
+    c.progress_bar = False
+    c.update(overrides)
+    return c
+
+
+# --- configs ---------------------------------------------------------------------------
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+                 if not os.path.basename(p).startswith(("_", "common")))
+
+
+def test_the_configs_the_issue_asks_for_exist():
+    expected = {"fashion_mnist", "fashion_mnist_resnet50", "mnist_preact", "cifar10_resnet20",
+                "cifar10_resnet32", "cifar10_resnet44", "cifar10_resnet56", "cifar10_resnet110",
+                "cifar10_resnet34", "cifar10_resnet50", "imagenet_resnet50", "imagenet_alexnet"}
+    assert expected <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_builds_its_model_optimizer_and_schedule(name):
+    config = load_config(name)
+    module_doc = open(os.path.join(CONFIG_DIR, f"{name}.py")).read()
+    assert "python -m experiments.train --config" in module_doc and "Expected" in module_doc
+    validate_config(config)
+    info = DATASETS[config.dataset]
+    model = loop.build_model(config, config.num_classes or info.num_classes)
+    shape = info.image_shape or (config.image_size, config.image_size, 3)
+    loop.check_input_shape(model, config.model, shape)
+    tx, schedule = make_optimizer(config, steps_per_epoch=100)
+    params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)}}
+    state = tx.init(params)
+    updates, _ = tx.update(params, state, params, value=jnp.float32(1.0))
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    assert float(schedule(0)) >= 0 and np.isfinite(float(schedule(10_000)))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model", "resnet19", "unknown model 'resnet19'"),
+    ("dataset", "imagenet21k", "dataset='imagenet21k' is unknown"),
+    ("learning_rate", -0.1, "learning_rate=-0.1 must be a positive number"),
+    ("batch_size", 0, "batch_size=0 must be a positive number"),
+    ("optimizer", "rmsprop", "optimizer='rmsprop'"),
+    ("momentum", 1.5, "momentum=1.5 must be in"),
+    ("model", "alexnet", r"model 'alexnet' cannot take images of shape \(28, 28, 1\)"),
+])
+def test_a_bad_config_value_fails_before_training_naming_it(field, value, message, tmp_path):
+    config = quick_fashion_config(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+# --- data ------------------------------------------------------------------------------
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_are_read_and_truncation_is_named(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = np.arange(7, dtype=np.uint8) % 10
+    _write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    source = load_source("mnist", "train", str(tmp_path), "idx")
+    np.testing.assert_array_equal(source.images[..., 0], images)
+    np.testing.assert_array_equal(source.labels, labels)
+    data = open(tmp_path / "train-images-idx3-ubyte", "rb").read()
+    open(tmp_path / "train-images-idx3-ubyte", "wb").write(data[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(str(tmp_path / "train-images-idx3-ubyte"))
+
+
+def test_tfds_without_network_says_what_to_do(tmp_path):
+    with pytest.raises(RuntimeError, match=r"tfds build cifar10.*--config.data_dir"):
+        load_source("cifar10", "train", str(tmp_path), "tfds")
+
+
+def test_unknown_dataset_lists_known_ones():
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'.*cifar10"):
+        load_source("svhn", "train")
+
+
+def _toy_source(n=100, shape=(8, 8, 1)):
+    rng = np.random.default_rng(0)
+    return ArraySource(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                       (np.arange(n) % 10).astype(np.int32))
+
+
+def test_train_batches_resume_mid_run_with_the_same_order():
+    source, info = _toy_source(), DATASETS["cifar10"]
+    fresh = pipeline.train_batches(source, info, 16, seed=3, augment="crop_flip")
+    first = [next(fresh) for _ in range(9)]  # crosses the epoch boundary (6 steps/epoch)
+    resumed = pipeline.train_batches(source, info, 16, seed=3, start_step=5, augment="crop_flip")
+    for expected in first[5:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], expected["image"])
+        np.testing.assert_array_equal(got["label"], expected["label"])
+    assert not np.array_equal(first[0]["label"], first[6]["label"])  # new permutation per epoch
+
+
+def test_process_shards_concatenate_to_the_global_batch():
+    source, info = _toy_source(), DATASETS["cifar10"]
+    whole = next(pipeline.train_batches(source, info, 16, seed=1, augment="crop_flip"))
+    parts = [next(pipeline.train_batches(source, info, 16, seed=1, augment="crop_flip",
+                                         process_index=i, process_count=2)) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+    with pytest.raises(ValueError, match="batch size 16 does not divide across 3 processes"):
+        next(pipeline.train_batches(source, info, 16, seed=1, process_count=3))
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask():
+    source, info = _toy_source(n=103), DATASETS["mnist"]
+    batches = list(pipeline.eval_batches(source, info, 25))
+    assert len(batches) == 5 and all(len(b["label"]) == 25 for b in batches)
+    mask = np.concatenate([b["mask"] for b in batches])
+    assert mask.sum() == 103 and mask[:103].all() and not mask[103:].any()
+    labels = np.concatenate([b["label"] for b in batches])[:103]
+    np.testing.assert_array_equal(labels, source.labels)
+
+
+# --- steps and optimizers ---------------------------------------------------------------
+
+def test_cross_entropy_label_smoothing_and_topk():
+    logits = jnp.array([[4.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
+    labels = jnp.array([0])
+    plain = cross_entropy(logits, labels)
+    smooth = cross_entropy(logits, labels, 0.1)
+    np.testing.assert_allclose(plain, -jax.nn.log_softmax(logits)[:, 0], rtol=1e-6)
+    assert float(smooth[0]) > float(plain[0])
+    assert float(topk_correct(logits, jnp.array([4]), 5)[0]) == 1.0
+    assert float(topk_correct(logits, jnp.array([5]), 5)[0]) == 0.0
+    assert float(topk_correct(logits, jnp.array([1]), 1)[0]) == 0.0
+
+
+def _opt_config(**kw):
+    c = base_config()
+    c.update(kw)
+    return c
+
+
+def test_piecewise_schedule_divides_by_ten_at_the_given_epochs():
+    c = _opt_config(schedule="piecewise", learning_rate=0.1, lr_boundaries=(2, 4),
+                    lr_boundaries_unit="epochs")
+    _, schedule = make_optimizer(c, steps_per_epoch=10)
+    np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 39, 40)],
+                               [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays():
+    c = _opt_config(schedule="cosine", learning_rate=0.4, warmup_epochs=1, num_epochs=3)
+    _, schedule = make_optimizer(c, steps_per_epoch=10)
+    np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.2, 0.4], rtol=1e-6)
+    assert float(schedule(29)) < 0.01
+
+
+def test_weight_decay_is_masked_to_kernels_and_l2_differs_from_decoupled():
+    params = {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    assert kernel_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    out = {}
+    for mode in ("l2", "decoupled"):
+        c = _opt_config(optimizer="adam", learning_rate=0.1, weight_decay=0.5,
+                        weight_decay_mode=mode, schedule="constant")
+        tx, _ = make_optimizer(c, 10)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        assert not np.any(updates["bn"]["scale"]) and not np.any(updates["bn"]["bias"])
+        out[mode] = updates["conv"]["kernel"]
+    np.testing.assert_allclose(out["decoupled"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+    assert not np.allclose(out["l2"], out["decoupled"])  # L2 goes through Adam's scaling
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "lars"])
+def test_each_optimizer_descends_a_quadratic(optimizer):
+    # LARS scales each layer's step by 0.001 * |w| / |g| (its trust ratio): a larger rate
+    lr = 20.0 if optimizer == "lars" else 0.05
+    c = _opt_config(optimizer=optimizer, learning_rate=lr, schedule="constant", weight_decay=0.0,
+                    nesterov=True, grad_clip=10.0)
+    tx, _ = make_optimizer(c, 10)
+    params = {"w": {"kernel": jnp.array([[3.0, -2.0]])}}
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)
+    start = loss(params)
+    for _ in range(20):
+        updates, state = tx.update(jax.grad(loss)(params), state, params, value=loss(params))
+        params = optax.apply_updates(params, updates)
+    assert float(loss(params)) < 0.5 * float(start)
+
+
+def test_reduce_on_plateau_cuts_the_learning_rate_when_loss_stalls():
+    c = _opt_config(schedule="plateau", learning_rate=0.1, plateau_patience=2,
+                    plateau_accumulation=1, plateau_factor=0.5)
+    tx, _ = make_optimizer(c, 10)
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(6):
+        _, state = tx.update({"w": jnp.ones(2)}, state, params, value=jnp.float32(1.0))
+    assert float(plateau_scale(state)) < 1.0
+
+
+def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
+    c = quick_fashion_config(model="cifar_resnet20", schedule="constant", learning_rate=0.05)
+    c.model_overrides = ml_collections.ConfigDict({"stage_sizes": (1, 1, 1)})
+    exp = loop.setup(c, load_train=False)
+    state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
+    step = jax.jit(chex.assert_max_traces(make_train_step(exp.model, exp.tx, exp.schedule), n=1))
+    images = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
+    batch = {"image": images, "label": np.arange(8, dtype=np.int32)}
+    for _ in range(3):
+        state, m = step(state, batch, jax.random.key(1))
+    assert int(state.step) == 3 and float(m["learning_rate"]) == pytest.approx(0.05)
+    # evaluation over 1000 examples in batches of 300: every example counted once, and the
+    # accuracy equals the one computed on the whole split at once
+    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes))
+    result = loop.evaluate(exp, state, eval_step)
+    assert result["count"] == 1000 and int(result["confusion"].sum()) == 1000
+    x = (exp.eval_source.images.astype(np.float32) / 255 - 0.2860) / 0.3530
+    logits = exp.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x)
+    correct = int(np.sum(np.argmax(logits, -1) == exp.eval_source.labels))
+    assert result["top1"] * 1000 == pytest.approx(correct, abs=1e-6)
+
+
+# --- whole runs ---------------------------------------------------------------------------
+
+def test_a_few_steps_on_mock_cifar10_lower_the_loss():
+    import tensorflow_datasets as tfds
+
+    c = load_config("cifar10_resnet20")
+    c.update(dict(batch_size=32, learning_rate=0.05, schedule="constant", num_steps=0, num_epochs=1,
+                  weight_decay=0.0, augment="none", progress_bar=False))
+    with tfds.testing.mock_data(num_examples=64):
+        exp = loop.setup(c)
+    assert len(exp.train_source) == 64 and exp.image_shape == (32, 32, 3)
+    state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
+    step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule))
+    batch = next(pipeline.train_batches(exp.train_source, exp.info, 32, seed=0, augment="none"))
+    losses = []
+    for _ in range(8):
+        state, m = step(state, batch, jax.random.key(0))
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_short_fashion_mnist_run_beats_chance_and_writes_everything(tmp_path, real_fashion_mnist):
+    workdir = str(tmp_path / "run")
+    record = loop.train_and_evaluate(quick_fashion_config(), workdir)
+    assert record["test_accuracy"] > 0.6  # chance is 0.1
+    assert record["test_count"] == 1000
+    lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for key in ("step", "epoch", "learning_rate", "train_loss", "train_accuracy", "test_loss",
+                "test_accuracy", "images_per_second"):
+        assert key in lines[-1]
+    assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "fashion_mnist_resnet8"
+    for path in ("plots/curves.png", "plots/confusion_matrix.png"):
+        assert os.path.getsize(os.path.join(workdir, path)) > 10_000
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert os.listdir(os.path.join(workdir, "checkpoints", "latest"))
+    assert os.listdir(os.path.join(workdir, "checkpoints", "best"))
+    # evaluate.py on the run: JSON with top-1/top-5 and per-class accuracy
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", workdir],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["count"] == 10_000 and 0.6 < result["top1_accuracy"] <= result["top5_accuracy"]
+    assert set(result["per_class_accuracy"]) == set(DATASETS["fashion_mnist"].class_names)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, real_fashion_mnist):
+    c = quick_fashion_config(train_subset=512, num_epochs=2, model="cifar_resnet20")
+    c.model_overrides = ml_collections.ConfigDict({"stage_sizes": (1, 1, 1)})
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    loop.train_and_evaluate(c, straight)
+    halted = ml_collections.ConfigDict(c.to_dict())
+    halted.halt_after_steps = 11  # mid-epoch 2 (8 steps per epoch)
+    loop.train_and_evaluate(halted, interrupted)
+    loop.train_and_evaluate(c, interrupted)
+    exp = loop.setup(c, load_train=False)
+    target = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
+    states = []
+    for workdir in (straight, interrupted):
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        states.append(ckpt.restore(target))
+        ckpt.close()
+    assert int(states[0].step) == int(states[1].step) == 16
+    chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
