@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach logs as they happen
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:

@@ -1,4 +1,5 @@
-"""The main job: a small residual net on real Fashion-MNIST.
+"""The main job: a small residual net (ResNet-8) on real Fashion-MNIST, SGD with Nesterov
+momentum and a one-cycle schedule to 0.2, weight decay 5e-4, flips, 8 epochs.
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
@@ -13,12 +14,14 @@ def get_config():
     c.model = "fashion_mnist_resnet8"
     c.dataset = "fashion_mnist"
     c.batch_size = 128
-    c.num_epochs = 10
+    c.num_epochs = 8
     c.optimizer = "sgd"
     c.nesterov = True
     c.learning_rate = 0.2
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.schedule = "onecycle"
-    c.augment = "crop_flip"
+    # Flips only: with 8 epochs this small net underfits, and pad-and-crop cost accuracy
+    # (92.4% after 10 epochs with crops against 93.1% after 8 without, see RESULTS.md).
+    c.augment = "flip"
     return c

@@ -54,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.plateau_accumulation = 0  # 0: one epoch of steps
     c.label_smoothing = 0.0
     c.grad_clip = 0.0
+    # devices and hosts
+    c.parallel = "single"  # single | pmap | sharded
+    c.sync_batch_norm = False  # BatchNorm statistics over all devices (else per device)
+    c.distributed = False  # jax.distributed.initialize() with cluster auto-detection
+    c.coordinator_address = ""  # explicit multi-process set-up (the local launcher sets these)
+    c.num_processes = 0
+    c.process_id = -1
     # run
     c.seed = 0
     c.eval_every_epochs = 1
@@ -98,6 +105,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
     _check(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing!r} must be in [0, 1)")
     _check(c.eval_every_epochs >= 1, f"eval_every_epochs={c.eval_every_epochs!r} must be >= 1")
+    _check(c.parallel in ("single", "pmap", "sharded"),
+           f"parallel={c.parallel!r}; expected one of ('single', 'pmap', 'sharded')")
     _check(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints!r} must be >= 1")
     if c.schedule == "piecewise":
         _check(len(c.lr_boundaries) > 0, "schedule='piecewise' needs lr_boundaries")

@@ -23,6 +23,7 @@ from resnet_jax.training import metrics as metrics_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.config import total_steps, validate_config
 from resnet_jax.training.optim import make_optimizer
+from resnet_jax.training.parallel import Strategy, fetch, make_strategy, maybe_initialize_distributed
 from resnet_jax.training.state import TrainState, create_train_state
 from resnet_jax.training.steps import make_eval_step, make_train_step
 
@@ -35,6 +36,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     overrides["dtype"] = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     spec = get_spec(config.model)
     fields = {f.name for f in dataclasses.fields(spec.cls)}
+    if config.get("sync_batch_norm", False) and config.get("parallel", "single") != "single":
+        if "axis_name" not in fields:
+            raise ValueError(f"sync_batch_norm=True but model {config.model!r} has no BatchNorm")
+        overrides["axis_name"] = "data"
     if config.fast_cpu_conv and jax.default_backend() == "cpu" and "conv_general_dilated" in fields:
         from resnet_jax.ops.cpu_conv import conv_general_dilated
 
@@ -104,14 +109,23 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
                       tx, schedule, spe, total_steps(config, spe))
 
 
-def evaluate(exp: Experiment, state: TrainState, eval_step) -> dict[str, Any]:
-    """Accuracy and loss over every example of the evaluation split, exactly once."""
+def evaluate(exp: Experiment, state: TrainState, eval_step, strategy: Strategy | None = None
+             ) -> dict[str, Any]:
+    """Accuracy and loss over every example of the evaluation split, exactly once.
+
+    With a strategy, each process feeds its part of every batch and the mapped step sums
+    over all devices; `eval_step` is then the strategy's.
+    """
+    put = strategy.put_eval_batch if strategy else (lambda b: b)
+    first = strategy.first if strategy else (lambda m: m)
     totals = None
     for batch in pipeline.eval_batches(exp.eval_source, exp.info, exp.config.eval_batch_size,
-                                       exp.config.image_size or None):
-        sums = eval_step(state, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return metrics_lib.summarize_eval(jax.device_get(totals))
+                                       exp.config.image_size or None, jax.process_index(),
+                                       jax.process_count()):
+        sums = first(eval_step(state, put(batch)))
+        sums = jax.tree.map(fetch, sums)
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    return metrics_lib.summarize_eval(totals)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -131,11 +145,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the last evaluation record.
     """
+    maybe_initialize_distributed(config)
     exp = setup(config)
     config = exp.config
+    chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    if chief:
+        _write_config(config, workdir)
 
+    strategy = make_strategy(
+        config.parallel,
+        lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis),
+        lambda axis: make_eval_step(exp.model, exp.num_classes, axis),
+        config.batch_size, config.eval_batch_size)
     root = jax.random.key(config.seed)
     init_rng, dropout_rng = jax.random.split(root)
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
@@ -146,11 +168,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state = restored
         log.info("resumed from step %d", int(state.step))
     start_step = int(state.step)
+    state = strategy.place_state(state)
 
-    train_step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes))
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, enabled=chief)
     history = [r for r in metrics_lib.read_metrics(workdir) if r["step"] <= start_step]
     best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
 
@@ -159,32 +179,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         end_step = min(end_step, config.halt_after_steps)
     batches = pipeline.prefetch(
         pipeline.train_batches(exp.train_source, exp.info, config.batch_size, config.seed,
-                               start_step, config.augment or None, config.image_size or None),
-        jax.device_put)
-    bar = _progress(exp.total_steps, start_step, config.progress_bar)
+                               start_step, config.augment or None, config.image_size or None,
+                               jax.process_index(), jax.process_count()),
+        strategy.put_train_batch)
+    bar = _progress(exp.total_steps, start_step, config.progress_bar and chief)
     window: list[dict[str, jax.Array]] = []
     epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
     window_start, window_step = time.perf_counter(), start_step
     epoch_images, epoch_time = 0, 0.0
     record: dict[str, Any] = history[-1] if history else {}
+    last_lr = float("nan")
     step = start_step
     try:
         while step < end_step:
             batch = next(batches)
-            state, m = train_step(state, batch, dropout_rng)
+            state, m = strategy.train_step(state, batch, dropout_rng)
             window.append(m)
             step += 1
             at_epoch_end = step % exp.steps_per_epoch == 0
             if len(window) >= config.log_every_steps or at_epoch_end or step == end_step:
-                fetched = jax.device_get(window)
+                fetched = [jax.tree.map(fetch, strategy.first(m)) for m in window]
                 elapsed = time.perf_counter() - window_start
                 ips = (step - window_step) * config.batch_size / max(elapsed, 1e-9)
                 epoch_images += (step - window_step) * config.batch_size
                 epoch_time += elapsed
-                for f in fetched:
+                for k, f in enumerate(fetched):
                     if not bool(f["finite"]):
                         raise FloatingPointError(
-                            f"non-finite loss or gradient at step {step - len(fetched) + fetched.index(f) + 1}")
+                            f"non-finite loss or gradient at step {step - len(fetched) + k + 1}")
                     epoch_sums["loss"] += float(f["loss"])
                     epoch_sums["accuracy"] += float(f["accuracy"])
                     epoch_sums["n"] += 1
@@ -199,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             eval_now = (at_epoch_end and round(epoch) % config.eval_every_epochs == 0) \
                 or step == exp.total_steps
             if eval_now:
-                result = evaluate(exp, state, eval_step)
+                result = evaluate(exp, state, strategy.eval_step, strategy)
                 record = {
                     "step": step, "epoch": round(epoch, 4), "learning_rate": last_lr,
                     "train_loss": epoch_sums["loss"] / max(epoch_sums["n"], 1),
@@ -210,20 +232,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 }
                 writer.write(record)
                 history.append(record)
-                bar.write(f"epoch {epoch:g}: train loss {record['train_loss']:.4f} acc "
-                          f"{record['train_accuracy']:.4f} | test loss {result['loss']:.4f} acc "
-                          f"{result['top1']:.4f} | {record['images_per_second']:.0f} img/s")
+                if chief:
+                    bar.write(f"epoch {epoch:g}: train loss {record['train_loss']:.4f} acc "
+                              f"{record['train_accuracy']:.4f} | test loss {result['loss']:.4f} "
+                              f"acc {result['top1']:.4f} | {record['images_per_second']:.0f} img/s")
                 epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
                 epoch_images, epoch_time = 0, 0.0
-                ckpt.save_latest(state, step)
+                ckpt.save_latest(strategy.gather_state(state), step)
                 if result["top1"] > best_accuracy:
                     best_accuracy = result["top1"]
-                    ckpt.save_best(state, step)
+                    ckpt.save_best(strategy.gather_state(state), step)
                 window_start = time.perf_counter()
             elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-                ckpt.save_latest(state, step)
+                ckpt.save_latest(strategy.gather_state(state), step)
         if step == end_step:
-            ckpt.save_latest(state, step)
+            ckpt.save_latest(strategy.gather_state(state), step)
     finally:
         bar.close()
         ckpt.wait()
@@ -231,9 +254,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
 
     if step == exp.total_steps and history:
+        final = evaluate(exp, state, strategy.eval_step, strategy)
+        if not chief:
+            return record
         plots = os.path.join(workdir, "plots")
         metrics_lib.plot_curves(history, os.path.join(plots, "curves.png"))
-        final = evaluate(exp, state, eval_step)
         metrics_lib.plot_confusion_matrix(final["confusion"], exp.info.class_names,
                                           os.path.join(plots, "confusion_matrix.png"))
     return record

@@ -70,6 +70,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
             state.params)
         grads = _mean(grads, axis_name)
         loss = _mean(loss, axis_name)
+        # Per-device BatchNorm normalises with each device's own statistics; the running
+        # averages are then averaged over devices. The running-average update is linear, so
+        # averaging every step equals averaging once before evaluation or saving, and the
+        # state stays identical on every device. (With synchronised BN they already agree.)
+        batch_stats = _mean(batch_stats, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         params = optax.apply_updates(state.params, updates)
         metrics = {
