@@ -189,3 +189,31 @@ def test_a_four_device_checkpoint_resumes_on_one_device_and_on_two_processes(tmp
     assert_close(dict(_flat(a["batch_stats"])), dict(_flat(b["batch_stats"])))
     start = final_state(four_device_run)[1]
     assert not np.allclose(a["params"]["fc"]["kernel"], start["params"]["fc"]["kernel"])
+
+
+INDIVISIBLE = """
+from resnet_jax.training.parallel import make_strategy
+try:
+    make_strategy("pmap", lambda a: None, lambda a: None, 30, 40)
+except ValueError as err:
+    print(err)
+"""
+
+
+def test_a_batch_that_does_not_divide_across_devices_is_named():
+    out = run_snippet(INDIVISIBLE, devices=4)
+    assert "batch size 30 does not divide across 4 devices" in out
+
+
+def test_scaling_benchmark_writes_one_record_per_device_count(tmp_path):
+    import json
+
+    output = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--model", "cifar_resnet20",
+           "--parallel", "sharded", "--devices", "1,2", "--batch-per-device", "4", "--steps", "1",
+           "--warmup", "0", "--input-shape", "16,16,3", "--output", str(output)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
+    results = json.load(open(output))
+    assert [r["devices"] for r in results] == [1, 2]
+    assert [r["global_batch"] for r in results] == [4, 8]
+    assert all(r["images_per_second"] > 0 and r["platform"] == "cpu" for r in results)

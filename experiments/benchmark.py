@@ -1,0 +1,154 @@
+"""Train-step throughput of a model under a parallel strategy, over a range of device counts.
+
+    python -m experiments.benchmark --model cifar_resnet20 --parallel pmap --devices 1,2,4
+    python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch
+
+Each device count runs in a fresh process (on the CPU, JAX is split into N host devices
+with XLA_FLAGS; on GPUs, CUDA_VISIBLE_DEVICES keeps the first N). The global batch is
+`--batch-per-device` x N (weak scaling). Results go to stdout and to
+experiments/results/scaling_MODEL_PARALLEL.json. On the CPU the forced devices share the
+same cores, so only the correctness of the run means anything there; measure scaling on
+a machine with real accelerators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def measure(model_name: str, parallel: str, batch: int, steps: int, warmup: int,
+            input_shape: tuple[int, int, int] | None, sync_bn: bool) -> dict:
+    """Time `steps` train steps (after `warmup`) of `model_name` on all visible devices."""
+    import jax
+    import numpy as np
+
+    from resnet_jax.models import get_spec
+    from resnet_jax.training import loop
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.optim import make_optimizer
+    from resnet_jax.training.parallel import make_strategy
+    from resnet_jax.training.state import create_train_state
+    from resnet_jax.training.steps import make_eval_step, make_train_step
+
+    spec = get_spec(model_name)
+    shape = input_shape or spec.input_shape
+    c = base_config()
+    c.model, c.parallel, c.sync_batch_norm = model_name, parallel, sync_bn
+    c.schedule = "constant"
+    model = loop.build_model(c, spec.num_classes)
+    tx, schedule = make_optimizer(c, steps_per_epoch=1000)
+    strategy = make_strategy(parallel, lambda a: make_train_step(model, tx, schedule, 0.0, a),
+                             lambda a: make_eval_step(model, spec.num_classes, a), batch, batch)
+    state = strategy.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
+        model, tx, jax.random.key(0), shape))
+    rng = np.random.default_rng(0)
+    batch_data = strategy.put_train_batch({
+        "image": rng.normal(size=(batch, *shape)).astype(np.float32),
+        "label": rng.integers(0, spec.num_classes, batch).astype(np.int32)})
+    key = jax.random.key(1)
+    start = time.perf_counter()
+    state, m = strategy.train_step(state, batch_data, key)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - start
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, m = strategy.train_step(state, batch_data, key)
+        jax.block_until_ready(m)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"model": model_name, "parallel": parallel, "devices": jax.device_count(),
+            "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "global_batch": batch, "input_shape": list(shape), "sync_batch_norm": sync_bn,
+            "first_step_seconds": round(first, 3), "median_step_seconds": round(median, 5),
+            "images_per_second": round(batch / median, 2), "timed_steps": steps}
+
+
+def _parse_shape(text: str | None):
+    return tuple(int(v) for v in text.split(",")) if text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--parallel", default="pmap", choices=("single", "pmap", "sharded"))
+    parser.add_argument("--devices", default="1,2,4", help="comma-separated device counts")
+    parser.add_argument("--batch-per-device", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--input-shape", default=None, help="H,W,C (default: the model's)")
+    parser.add_argument("--sync-bn", action="store_true")
+    parser.add_argument("--platform", default=os.environ.get("JAX_PLATFORMS", "cpu"),
+                        help="cpu (forced host devices) or gpu (first N GPUs)")
+    parser.add_argument("--output", default=None, help="JSON file (default under results/)")
+    parser.add_argument("--against", choices=("torch",), default=None,
+                        help="compare the CPU speed suite with PyTorch (see speed_suite.py)")
+    parser.add_argument("--models", default=None, help="with --against: a subset of the suite")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.against:
+        from experiments import speed_suite
+
+        return speed_suite.main(args.models.split(",") if args.models else None, args.repeats,
+                                args.warmup, args.threads)
+    counts = [int(d) for d in args.devices.split(",")]
+    if any(n < 1 for n in counts):
+        parser.error(f"--devices {args.devices!r}: counts must be >= 1")
+
+    if args.worker:
+        result = measure(args.model, args.parallel, args.batch_per_device * counts[0],
+                         args.steps, args.warmup, _parse_shape(args.input_shape), args.sync_bn)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    results = []
+    for n in counts:
+        if args.parallel == "single" and n > 1:
+            print(f"skipping {n} devices: parallel=single uses one device", file=sys.stderr)
+            continue
+        env = dict(os.environ)
+        if args.platform == "cpu":
+            env["JAX_PLATFORMS"] = "cpu"
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", "--model", args.model,
+               "--parallel", args.parallel, "--devices", str(n), "--batch-per-device",
+               str(args.batch_per_device), "--steps", str(args.steps), "--warmup",
+               str(args.warmup)] + (["--input-shape", args.input_shape] if args.input_shape
+                                    else []) + (["--sync-bn"] if args.sync_bn else [])
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if out.returncode != 0 or not lines:
+            print(out.stderr[-2000:], file=sys.stderr)
+            return out.returncode or 1
+        result = json.loads(lines[-1][len("RESULT "):])
+        results.append(result)
+        print(f"{n} device(s): {result['images_per_second']:.1f} images/s "
+              f"(global batch {result['global_batch']}, first step {result['first_step_seconds']} s)")
+    if results:
+        base = results[0]["images_per_second"] / results[0]["devices"]
+        for r in results:
+            r["scaling_efficiency"] = round(r["images_per_second"] / (base * r["devices"]), 3)
+    output = args.output or os.path.join(RESULTS, f"scaling_{args.model}_{args.parallel}.json")
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
