@@ -34,8 +34,8 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best") -> dict
     config.eval_split = split
     config.eval_subset = 0
     exp = setup(config, load_train=False)
-    abstract = jax.eval_shape(create_train_state, exp.model, exp.tx, jax.random.key(0),
-                              exp.image_shape)
+    abstract = jax.eval_shape(
+        lambda key: create_train_state(exp.model, exp.tx, key, exp.image_shape), jax.random.key(0))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         state = ckpt.restore(abstract, which=which)

@@ -48,7 +48,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 def summarize_eval(sums: dict[str, np.ndarray]) -> dict[str, Any]:
     """Accuracy and loss from summed eval-step outputs (exact over the split)."""
     count = float(sums["count"])
-    confusion = np.asarray(sums["confusion"])
+    confusion = np.rint(np.asarray(sums["confusion"], np.float64))  # exact integer counts
     per_class = np.diag(confusion) / np.maximum(confusion.sum(1), 1)
     return {
         "loss": float(sums["loss"]) / count,
