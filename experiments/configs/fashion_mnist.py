@@ -3,7 +3,8 @@ momentum and a one-cycle schedule to 0.2, weight decay 5e-4, flips, 8 epochs.
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
-Expected: see RESULTS.md (time and test accuracy on a 2-core CPU).
+Expected: 93.1% test accuracy (93.14% measured) in about 12 minutes on a 2-core CPU
+(RESULTS.md), against the 91.3-91.4% of the seed article's ResNet-50 after 400 epochs.
 """
 
 from resnet_jax.training.config import base_config

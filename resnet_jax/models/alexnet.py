@@ -22,7 +22,7 @@ PADDING = (2, 2, 1, 1, 1)
 POOL_AFTER = (True, True, False, False, True)  # overlapping 3x3/2 max-pools (section 3.4)
 
 
-def min_input_size(pool_output: int = 1) -> int:
+def min_input_size() -> int:
     """Smallest square input for which every pooling window still fits."""
     size = 1
     while True:
@@ -34,7 +34,7 @@ def min_input_size(pool_output: int = 1) -> int:
             if POOL_AFTER[i]:
                 ok = ok and s >= 3
                 s = (s - 3) // 2 + 1
-        if ok and s >= pool_output:
+        if ok and s >= 1:
             return size
         size += 1
 
