@@ -1,4 +1,4 @@
-"""Specification of the model zoo (issue: model zoo)."""
+"""Specification of the model zoo."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Specification of the training engine (issue: training engine and the main job)."""
+"""Specification of the training engine, its configs and the main job."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG
                  if not os.path.basename(p).startswith(("_", "common")))
 
 
-def test_the_configs_the_issue_asks_for_exist():
+def test_the_experiment_configs_exist():
     expected = {"fashion_mnist", "fashion_mnist_resnet50", "mnist_preact", "cifar10_resnet20",
                 "cifar10_resnet32", "cifar10_resnet44", "cifar10_resnet56", "cifar10_resnet110",
                 "cifar10_resnet34", "cifar10_resnet50", "imagenet_resnet50", "imagenet_alexnet"}

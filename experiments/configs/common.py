@@ -24,3 +24,23 @@ def cifar_paper(model: str):
     c.augment = "crop_flip"
     c.eval_every_epochs = 5
     return c
+
+
+def cifar_imagenet_layout(model: str):
+    """An ImageNet-layout ResNet trained on CIFAR-10 from scratch at 32x32: SGD with Nesterov
+    momentum 0.9, learning rate 0.1 with a 2-epoch warm-up and cosine decay, weight decay
+    5e-4, pad-4 crop + flip, batch 128, 100 epochs."""
+    c = base_config()
+    c.model = model
+    c.dataset = "cifar10"
+    c.batch_size = 128
+    c.num_epochs = 100
+    c.optimizer = "sgd"
+    c.nesterov = True
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 5e-4
+    c.schedule = "cosine"
+    c.warmup_epochs = 2.0
+    c.augment = "crop_flip"
+    return c
