@@ -336,3 +336,22 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     assert int(states[0].step) == int(states[1].step) == 16
     chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
+
+
+def test_variable_size_images_get_inception_crops_and_center_crops_on_mock_imagenette():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=20):
+        train = load_source("imagenette", "train", data_source="tfds")
+        test = load_source("imagenette", "validation", data_source="tfds")
+        info = DATASETS["imagenette"]
+        batches = pipeline.train_batches(train, info, 8, seed=0, augment="inception",
+                                         image_size=64)
+        first, second = next(batches), next(batches)
+        again = next(pipeline.train_batches(train, info, 8, seed=0, start_step=1,
+                                            augment="inception", image_size=64))
+        evals = list(pipeline.eval_batches(test, info, 8, image_size=64))
+    assert first["image"].shape == (8, 64, 64, 3) and first["image"].dtype == np.float32
+    np.testing.assert_array_equal(second["image"], again["image"])  # resumable crops
+    assert sum(float(b["mask"].sum()) for b in evals) == len(test) == 20
+    assert all(b["image"].shape == (8, 64, 64, 3) for b in evals)
