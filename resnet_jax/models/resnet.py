@@ -56,7 +56,6 @@ class BasicBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     shortcut: str = "projection"
-    stride_on: str = "3x3"  # unused: a basic block has only 3x3 convolutions
     zero_init_residual: bool = False
 
     @nn.compact
@@ -155,6 +154,8 @@ class ResNet(nn.Module):
         conv = make_conv(self.dtype, self.conv_bias, self.conv_general_dilated)
         norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name)
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
+        # only bottleneck blocks have a choice of where the stride goes
+        extra = {} if self.block == "basic" else {"stride_on": self.stride_on}
 
         x = jnp.asarray(x, self.dtype)
         k = self.stem_kernel
@@ -170,8 +171,8 @@ class ResNet(nn.Module):
                     conv=conv,
                     norm=norm,
                     shortcut=self.shortcut,
-                    stride_on=self.stride_on,
                     zero_init_residual=self.zero_init_residual,
+                    **extra,
                     name=f"layer{i + 1}_{j}",
                 )(x)
         x = global_avg_pool(x)
@@ -192,9 +193,9 @@ class PreActBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out = nn.relu(self.norm(name="bn1")(x))
         # A projection sees the pre-activated input, as in the paper's reference code.
+        identity = x.shape[-1] == self.features and self.strides == 1
         residual = _shortcut(
-            x if (x.shape[-1] == self.features and self.strides == 1) else out,
-            self.features, self.strides, self.shortcut, self.conv, None,
+            x if identity else out, self.features, self.strides, self.shortcut, self.conv, None
         )
         y = self.conv(self.features, (3, 3), strides=self.strides, padding=pad(3), name="conv1")(out)
         y = nn.relu(self.norm(name="bn2")(y))

@@ -30,7 +30,7 @@ def maybe_initialize_distributed(config) -> None:
     them). `config.distributed=True` alone lets JAX detect the cluster (TPU pods, SLURM,
     Open MPI, GPU clusters with the standard environment variables).
     """
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    if jax.distributed.is_initialized():
         return
     address = config.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     if address:
