@@ -46,7 +46,8 @@ def measure(model_name: str, parallel: str, batch: int, steps: int, warmup: int,
     model = loop.build_model(c, spec.num_classes)
     tx, schedule = make_optimizer(c, steps_per_epoch=1000)
     strategy = make_strategy(parallel, lambda a: make_train_step(model, tx, schedule, 0.0, a),
-                             lambda a: make_eval_step(model, spec.num_classes, a), batch, batch)
+                             lambda a: make_eval_step(model, spec.num_classes, a), batch, batch,
+                             loop.compiler_options(c))
     state = strategy.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         model, tx, jax.random.key(0), shape))
     rng = np.random.default_rng(0)

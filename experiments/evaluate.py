@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from resnet_jax.training.checkpoint import Checkpointer
-from resnet_jax.training.loop import evaluate, setup
+from resnet_jax.training.loop import compiler_options, evaluate, setup
 from resnet_jax.training.state import create_train_state
 from resnet_jax.training.steps import make_eval_step
 
@@ -44,7 +44,8 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best") -> dict
         ckpt.close()
     if state is None:
         raise FileNotFoundError(f"no {which} checkpoint under {workdir}/checkpoints")
-    result = evaluate(exp, state, jax.jit(make_eval_step(exp.model, exp.num_classes)))
+    result = evaluate(exp, state, jax.jit(make_eval_step(exp.model, exp.num_classes),
+                                           compiler_options=compiler_options(config)))
     names = exp.info.class_names or tuple(str(i) for i in range(exp.num_classes))
     return {
         "workdir": workdir, "checkpoint": which, "step": int(step), "split": split,

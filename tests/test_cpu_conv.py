@@ -36,7 +36,9 @@ def both(kernel, stride, padding, groups, dtype, cin=8, cout=8, size=15, batch=3
         return f
 
     ref = jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
-    new = jax.value_and_grad(loss(cpu_conv.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
+    new = jax.jit(jax.value_and_grad(loss(cpu_conv.conv_general_dilated), argnums=(0, 1),
+                                     has_aux=True),
+                  compiler_options=cpu_conv.compiler_options("cpu"))(x, w)
     return ref, new
 
 
@@ -46,15 +48,13 @@ CASES = [(k, s, p) for k in (1, 3, 7, 11) for s in (1, 2) for p in ("SAME", "VAL
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2.0 ** -7)])
 @pytest.mark.parametrize("kernel,stride,padding", CASES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_outputs_and_gradients_match_lax(kernel, stride, padding, groups, dtype, tol,
-                                         monkeypatch):
-    monkeypatch.setattr(cpu_conv, "MIN_CHANNEL_PRODUCT", 0)  # always take the im2col path
+def test_outputs_and_gradients_match_lax(kernel, stride, padding, groups, dtype, tol):
     pads = ((kernel // 2, kernel - 1 - kernel // 2), (1, 2)) if padding == "explicit" else padding
     ((_, y_ref), (dx_ref, dw_ref)), ((_, y_new), (dx_new, dw_new)) = both(
         kernel, stride, pads, groups, dtype)
     assert y_new.dtype == dtype and dw_new.dtype == dtype
-    # bfloat16 keeps 8 significant bits: the two weight gradients, accumulated in different
-    # orders, may differ by one unit in the last place; float32 agrees to 1e-5.
+    # Both sides are lax convolutions; under jit they may be compiled apart and accumulate in
+    # different orders: one bfloat16 ulp, 1e-5 in float32.
     assert rel_err(y_ref, y_new) <= tol
     assert rel_err(dx_ref, dx_new) <= tol
     assert rel_err(dw_ref, dw_new) <= tol
@@ -91,3 +91,49 @@ def test_a_model_with_the_cpu_conv_has_the_gradients_of_the_plain_model():
 
     for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(fast))):
         assert rel_err(a, b) < 1e-5
+
+
+def test_materialize_passes_values_and_turns_a_nan_step_into_nans():
+    x = jnp.arange(6.0).reshape(2, 3)
+    dy = jnp.ones((2, 2))
+    a, b = jax.jit(cpu_conv.materialize)(x, dy)
+    np.testing.assert_array_equal(a, x)
+    np.testing.assert_array_equal(b, dy)
+    a, b = jax.jit(cpu_conv.materialize)(x, dy.at[0, 0].set(jnp.nan))
+    assert np.isnan(np.asarray(a)).all() and np.isnan(np.asarray(b)).all()
+
+
+def _conv_lines(compiled_text: str) -> list[str]:
+    return [l for l in compiled_text.splitlines() if "convolution(" in l or "__ynn_fusion" in l]
+
+
+def test_compiler_options_keep_convolutions_out_of_ynnpack():
+    """The weight gradient of a 64-channel conv goes to YNNPACK by default on XLA:CPU (17x
+    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is XLA's own."""
+    x = jnp.ones((8, 16, 16, 64))
+    w = jnp.ones((3, 3, 64, 64))
+
+    def f(x, w):
+        return jax.grad(lambda w: jnp.sum(
+            cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2))(w)
+
+    default = jax.jit(f).lower(x, w).compile().as_text()
+    tuned = jax.jit(f, compiler_options=cpu_conv.compiler_options("cpu")).lower(x, w).compile()
+    tuned = tuned.as_text()
+    assert any("__ynn_fusion" in l for l in _conv_lines(default))
+    assert not any("__ynn_fusion" in l for l in _conv_lines(tuned))
+    assert any("convolution(" in l for l in _conv_lines(tuned))
+
+
+def test_the_cpu_path_is_cpu_only(monkeypatch):
+    from resnet_jax.training import loop
+    from resnet_jax.training.config import base_config
+
+    c = base_config()
+    c.model = "fashion_mnist_resnet8"
+    assert cpu_conv.compiler_options("gpu") is None and cpu_conv.compiler_options("tpu") is None
+    assert loop.build_model(c, 10).conv_general_dilated is cpu_conv.conv_general_dilated
+    assert loop.compiler_options(c) == cpu_conv.COMPILER_OPTIONS
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert loop.build_model(c, 10).conv_general_dilated is None
+    assert loop.compiler_options(c) is None

@@ -1,29 +1,43 @@
-"""A 2-D convolution whose weight gradient runs well on XLA:CPU.
+"""A 2-D convolution whose backward pass runs well on XLA:CPU, and the compiler options
+that go with it.
 
-XLA:CPU lowers the weight gradient of a convolution to another convolution that contracts
-over the batch, which runs at a few GFLOP/s (about 2.4 s for a 3x3, 64-channel conv at
-batch 128 and 32x32). Here the forward pass and the input gradient stay lax convolutions,
-and the weight gradient is one matmul per kernel tap: the strided view of the padded input
-that meets the tap, contracted with the output gradient (about 0.3 s for that conv). For
-small channel counts XLA's own weight gradient is faster and is kept. Same numbers as
-`lax.conv_general_dilated` up to float rounding.
+Two things made the train step slow on the CPU (experiments/results/cpu_speed_log.md):
 
-`conv_general_dilated` has lax's signature, so it plugs into `nn.Conv(conv_general_dilated=...)`;
-cases it does not cover (dilation, batch groups, other layouts) fall through to lax.
+1. XLA:CPU hands convolutions to YNNPACK by default, whose weight gradient runs at a few
+   GFLOP/s (2.4 s for a 3x3, 64-channel conv at batch 128 and 32x32; Eigen's takes 0.14 s).
+   `COMPILER_OPTIONS` keeps YNNPACK for dots only; pass them to `jax.jit` on the CPU
+   (`compiler_options()` does that choice).
+2. The weight gradient is a convolution over the batch, so XLA transposes its two inputs to
+   batch-minor layouts. It fuses the producers of those inputs (BatchNorm, ReLU, residual
+   adds of up to four blocks) into the transposes and recomputes them with strided reads:
+   60-130 ms per transpose in a ResNet-20 step against 2-4 ms for a plain one. Here the
+   backward pass passes its saved input and the output gradient through a conditional,
+   a boundary XLA does not fuse across, so the transposes read materialized buffers.
+
+Forward pass, input gradient and weight gradient stay `lax` convolutions: the numbers are
+those of `lax.conv_general_dilated`. `conv_general_dilated` has lax's signature, so it plugs
+into `nn.Conv(conv_general_dilated=...)`; cases it does not cover (dilation, batch groups,
+other layouts) fall through to lax.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Below this many kernel channels (cin/groups * cout) XLA's own weight gradient is faster.
-MIN_CHANNEL_PRODUCT = 1024
+
+# YNNPACK for dots only: its convolutions (and reductions) are slower than Eigen's here.
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
+    """`jax.jit(..., compiler_options=...)` for the backend: COMPILER_OPTIONS on the CPU."""
+    return dict(COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -53,7 +67,7 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ) -> jax.Array:
-    """`lax.conv_general_dilated` with an im2col weight gradient for 2-D NHWC convs."""
+    """`lax.conv_general_dilated` whose weight gradient reads materialized inputs."""
     supported = (
         lhs.ndim == 4
         and _is_nhwc(dimension_numbers)
@@ -84,6 +98,17 @@ def _lax_conv(x, w, strides, pads, groups, precision):
     )
 
 
+def materialize(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x, dy) through a conditional, so that XLA cannot fuse their producers into consumers.
+
+    The branch taken when dy's first element is a number returns its operands; the other one
+    (a step that has already gone NaN) returns NaNs. Two different branches keep XLA from
+    folding the conditional away.
+    """
+    ok = dy.reshape(-1)[0] == dy.reshape(-1)[0]
+    return lax.cond(ok, lambda a, b: (a, b), lambda a, b: (a * jnp.nan, b * jnp.nan), x, dy)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, pads, groups, precision):
     return _lax_conv(x, w, strides, pads, groups, precision)
@@ -97,46 +122,10 @@ def _conv_bwd(strides, pads, groups, precision, residuals, dy):
     x, w = residuals
     _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, w, strides, pads, groups, precision), x)
     (dx,) = input_vjp(dy)
-    if w.shape[2] * w.shape[3] < MIN_CHANNEL_PRODUCT:
-        _, weight_vjp = jax.vjp(lambda w_: _lax_conv(x, w_, strides, pads, groups, precision), w)
-        (dw,) = weight_vjp(dy)
-    else:
-        dw = weight_gradient(x, dy, w.shape, strides, pads, groups)
-    return dx, dw.astype(w.dtype)
+    x_m, dy_m = materialize(x, dy)
+    _, weight_vjp = jax.vjp(lambda w_: _lax_conv(x_m, w_, strides, pads, groups, precision), w)
+    (dw,) = weight_vjp(dy_m)
+    return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def weight_gradient(
-    x: jax.Array,
-    dy: jax.Array,
-    kernel_shape: Sequence[int],
-    strides: Sequence[int],
-    pads: Sequence[tuple[int, int]],
-    groups: int = 1,
-) -> jax.Array:
-    """d(loss)/d(kernel) of an NHWC/HWIO convolution as one matmul per kernel tap (float32).
-
-    For each tap (i, j) the strided view of the padded input that meets that tap is
-    contracted with the output gradient over all batch and spatial positions.
-    """
-    kh, kw, cin_g, cout = kernel_shape
-    n, oh, ow, _ = dy.shape
-    sh, sw = strides
-    cout_g = cout // groups
-    rows = n * oh * ow
-    grad = dy.reshape(rows, groups, cout_g)
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            view = lax.slice(
-                xp, (0, i, j, 0),
-                (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, xp.shape[3]),
-                (1, sh, sw, 1),
-            ).reshape(rows, groups, cin_g)
-            taps.append(
-                jnp.einsum("mgc,mgo->cgo", view, grad, preferred_element_type=jnp.float32)
-            )
-    return jnp.stack(taps).reshape(kh, kw, cin_g, cout)

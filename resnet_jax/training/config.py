@@ -21,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 0  # 0: the dataset's class count
     c.dtype = "float32"
     c.model_overrides = ml_collections.ConfigDict()  # extra model fields, e.g. shortcut
-    c.fast_cpu_conv = True  # im2col weight gradient when the backend is the CPU
+    c.fast_cpu_conv = True  # CPU backend: ops.cpu_conv's convolution and XLA options
     # data
     c.dataset = "fashion_mnist"
     c.data_source = "auto"  # auto | tfds | idx

@@ -47,6 +47,15 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return get_model(config.model, num_classes=num_classes, **overrides)
 
 
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+    """XLA options for the jitted steps: the CPU conv path's (`ops.cpu_conv`) when it is on."""
+    if config.fast_cpu_conv and jax.default_backend() == "cpu":
+        from resnet_jax.ops.cpu_conv import compiler_options as cpu_options
+
+        return cpu_options("cpu")
+    return None
+
+
 def check_input_shape(model, name: str, shape: tuple[int, ...]) -> None:
     """Trace the model on `shape` without running it; a ValueError names a shape it cannot take."""
     try:
@@ -157,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.parallel,
         lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis),
         lambda axis: make_eval_step(exp.model, exp.num_classes, axis),
-        config.batch_size, config.eval_batch_size)
+        config.batch_size, config.eval_batch_size, compiler_options(config))
     root = jax.random.key(config.seed)
     init_rng, dropout_rng = jax.random.split(root)
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
