@@ -3,7 +3,10 @@
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir DIR \
         [--config.field=value ...]
 
-Running again with the same DIR resumes from its latest checkpoint.
+Running again with the same DIR resumes from its latest intact checkpoint. SIGTERM or
+Ctrl-C saves a checkpoint at the current step and exits with status 0. Exit status 2: bad
+input (config, data, a checkpoint of another run); 3: the workdir is in use by another run;
+4: the loss or a gradient went non-finite; 5: no intact checkpoint left.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax.training.checkpoint import CheckpointError
+from resnet_jax.training.guard import WorkdirBusyError
 from resnet_jax.training.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
@@ -31,7 +36,18 @@ def main(argv):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if record:
+    except WorkdirBusyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(4)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(5)
+    if record.get("stopped"):
+        print(f"stopped at step {record['step']} ({record['stopped']}); checkpoint saved")
+    elif record:
         print(f"final: step {record['step']} test_accuracy {record['test_accuracy']:.4f}")
 
 

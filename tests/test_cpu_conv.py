@@ -60,6 +60,34 @@ def test_outputs_and_gradients_match_lax(kernel, stride, padding, groups, dtype,
     assert rel_err(dw_ref, dw_new) <= tol
 
 
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (2, 3, 1, "SAME"), (1, 3, 1, "SAME"), (2, 3, 2, "SAME"), (4, 3, 2, "SAME"),
+    (3, 7, 2, "SAME"), (2, 3, 1, "explicit"), (5, 5, 1, "VALID"),
+])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2.0 ** -7)])
+def test_maps_smaller_than_the_kernel_take_the_matmul_and_match_lax(size, kernel, stride, padding,
+                                                                    dtype, tol):
+    pads = ((1, 1), (0, 2)) if padding == "explicit" else padding
+    assert cpu_conv._smaller_than_kernel(
+        (3, size, size, 8), (kernel, kernel, 8, 8), (stride, stride),
+        lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), pads)
+        if isinstance(pads, str) else pads)
+    ((_, y_ref), (dx_ref, dw_ref)), ((_, y_new), (dx_new, dw_new)) = both(
+        kernel, stride, pads, 1, dtype, size=size)
+    assert y_new.shape == y_ref.shape and y_new.dtype == dtype
+    assert rel_err(y_ref, y_new) <= tol
+    assert rel_err(dx_ref, dx_new) <= tol
+    assert rel_err(dw_ref, dw_new) <= tol
+
+
+def test_large_maps_keep_the_lax_convolution():
+    assert not cpu_conv._smaller_than_kernel((8, 7, 7, 64), (3, 3, 64, 64), (1, 1),
+                                             ((1, 1), (1, 1)))
+    assert not cpu_conv._smaller_than_kernel((8, 28, 28, 1), (3, 3, 1, 32), (2, 2),
+                                             ((1, 1), (1, 1)))
+    assert cpu_conv._smaller_than_kernel((8, 4, 4, 64), (3, 3, 64, 64), (2, 2), ((1, 1), (1, 1)))
+
+
 def test_unsupported_layouts_fall_back_to_lax():
     x = jnp.ones((2, 3, 9, 9))  # NCHW
     w = jnp.ones((4, 3, 3, 3))  # OIHW
@@ -109,7 +137,7 @@ def _conv_lines(compiled_text: str) -> list[str]:
 
 def test_compiler_options_keep_convolutions_out_of_ynnpack():
     """The weight gradient of a 64-channel conv goes to YNNPACK by default on XLA:CPU (17x
-    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is XLA's own."""
+    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is Eigen's."""
     x = jnp.ones((8, 16, 16, 64))
     w = jnp.ones((3, 3, 64, 64))
 

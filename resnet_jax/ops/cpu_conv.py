@@ -5,7 +5,7 @@ Two things made the train step slow on the CPU (experiments/results/cpu_speed_lo
 
 1. XLA:CPU hands convolutions to YNNPACK by default, whose weight gradient runs at a few
    GFLOP/s (2.4 s for a 3x3, 64-channel conv at batch 128 and 32x32; Eigen's takes 0.14 s).
-   `COMPILER_OPTIONS` keeps YNNPACK for dots only; pass them to `jax.jit` on the CPU
+   `COMPILER_OPTIONS` keeps YNNPACK for dots and reductions; pass them to `jax.jit` on the CPU
    (`compiler_options()` does that choice).
 2. The weight gradient is a convolution over the batch, so XLA transposes its two inputs to
    batch-minor layouts. It fuses the producers of those inputs (BatchNorm, ReLU, residual
@@ -31,8 +31,10 @@ from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
-# YNNPACK for dots only: its convolutions (and reductions) are slower than Eigen's here.
-COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+# YNNPACK for dots and reductions, not for convolutions: its convolution gradients are slower
+# than Eigen's here (and without it, the BatchNorm reductions become slower reduce-windows).
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
@@ -88,7 +90,20 @@ def conv_general_dilated(
         pads = padding
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
     strides = tuple(int(s) for s in window_strides)
+    if feature_group_count == 1 and _smaller_than_kernel(lhs.shape, rhs.shape, strides, pads):
+        return im2col_conv(lhs, rhs, strides, pads, precision)
     return _conv(lhs, rhs, strides, pads, int(feature_group_count), precision)
+
+
+def _smaller_than_kernel(x_shape, w_shape, strides, pads) -> bool:
+    """Whether the input or the output map is smaller than the kernel in either dimension
+    (the input gradient is a convolution over the output map)."""
+    for d in range(2):
+        k = w_shape[d]
+        out = (x_shape[1 + d] + sum(pads[d]) - k) // strides[d] + 1
+        if x_shape[1 + d] < k or out < k:
+            return True
+    return False
 
 
 def _lax_conv(x, w, strides, pads, groups, precision):
@@ -96,6 +111,29 @@ def _lax_conv(x, w, strides, pads, groups, precision):
         x, w, strides, pads, dimension_numbers=NHWC, feature_group_count=groups,
         precision=precision,
     )
+
+
+def im2col_conv(x: jax.Array, w: jax.Array, strides: Sequence[int],
+                pads: Sequence[tuple[int, int]], precision=None) -> jax.Array:
+    """An NHWC/HWIO convolution as one matmul of the input's patches with the kernel.
+
+    For maps smaller than the kernel (a 3x3 conv on 2x2 or 1x1 maps, as in a ResNet-50 on
+    28x28 images) XLA:CPU swaps the operands into a convolution that took 100-380 ms where
+    this matmul takes a few; the same happens to the input gradient when the output map is
+    smaller than the kernel. Differentiated by JAX as written (pads, slices and dots).
+    """
+    kh, kw, cin, cout = w.shape
+    n, h, wd, _ = x.shape
+    (pt, pb), (pl, pr) = pads
+    sh, sw = strides
+    oh = (h + pt + pb - kh) // sh + 1
+    ow = (wd + pl + pr - kw) // sw + 1
+    xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    taps = [lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, cin),
+                      (1, sh, sw, 1)) for i in range(kh) for j in range(kw)]
+    patches = jnp.stack(taps, axis=3).reshape(n * oh * ow, kh * kw * cin)
+    y = jnp.dot(patches, w.reshape(kh * kw * cin, cout), precision=precision)
+    return y.reshape(n, oh, ow, cout)
 
 
 def materialize(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:

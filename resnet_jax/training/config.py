@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.log_every_steps = 20
     c.halt_after_steps = 0  # >0: save and stop at this step, as if interrupted
+    c.skip_nonfinite_steps = False  # True: a NaN/Inf step is skipped (else the run stops)
     c.progress_bar = True
     return c
 
@@ -77,6 +78,35 @@ def total_steps(c: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     return c.get("num_steps", 0) or c.num_epochs * steps_per_epoch
 
 
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (tuple, list)):
+        return "sequence"
+    if isinstance(value, ml_collections.ConfigDict):
+        return "ConfigDict"
+    return type(value).__name__
+
+
+def _check_fields(c: ml_collections.ConfigDict) -> None:
+    """Every field is one of base_config's, with a value of its kind (ints where it has ints)."""
+    base = base_config()
+    for name in c.keys():
+        if name not in base:
+            close = __import__("difflib").get_close_matches(name, list(base.keys()), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config field {name!r}{hint}")
+        want, value = base[name], c[name]
+        if _kind(value) != _kind(want):
+            raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected "
+                             f"{_kind(want)} like the default {want!r}")
+        if isinstance(want, int) and not isinstance(want, bool) and isinstance(value, float):
+            if not value.is_integer():
+                raise ValueError(f"{name}={value!r} must be an integer")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -84,6 +114,7 @@ def _check(ok: bool, message: str) -> None:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raise a ValueError naming the first field whose value cannot work."""
+    _check_fields(c)
     get_spec(c.model)  # names the known models
     _check(c.dataset in DATASETS, f"dataset={c.dataset!r} is unknown; known: {sorted(DATASETS)}")
     _check(c.dtype in DTYPES, f"dtype={c.dtype!r}; expected one of {DTYPES}")

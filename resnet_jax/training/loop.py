@@ -3,6 +3,7 @@ logging, checkpoints, resume, and plots at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import numpy as np
 from resnet_jax.data import pipeline
 from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source
 from resnet_jax.models import get_model, get_spec
+from resnet_jax.training import guard
 from resnet_jax.training import metrics as metrics_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.config import total_steps, validate_config
@@ -149,22 +151,86 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train per the config into `workdir`, resuming from its latest checkpoint if any.
+def checkpoint_meta(exp: Experiment, seed_key: jax.Array, step: int) -> dict[str, Any]:
+    """What a checkpoint records beside the state: enough to continue exactly and to refuse
+    a checkpoint that belongs to another run."""
+    c = exp.config
+    return {
+        "model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
+        "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
+        "seed": int(c.seed),
+        # the dropout key of step s is fold_in(dropout_key, s): the RNG state is (key, step)
+        "dropout_key": np.asarray(jax.random.key_data(seed_key)).tolist(),
+        # the data order is a function of (seed, step): the iterator resumes at `step`
+        "data_position": {"step": int(step), "epoch": int(step // exp.steps_per_epoch),
+                          "batch_in_epoch": int(step % exp.steps_per_epoch)},
+    }
 
-    Returns the last evaluation record.
+
+def check_checkpoint_fits(exp: Experiment, meta: dict[str, Any], saved: Any, target: Any,
+                          where: str) -> None:
+    """A ValueError naming what differs when a checkpoint was written by another model,
+    class count, dataset, batch size or seed, or holds differently shaped arrays."""
+    c = exp.config
+    expected = {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
+                "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
+                "seed": int(c.seed)}
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(
+                f"checkpoint {where} was written with {key}={meta[key]!r}, but this run has "
+                f"{key}={value!r}; use another --workdir (or set {key} to match)")
+    for part in ("params", "batch_stats"):
+        a = _named_leaves(saved[part] if isinstance(saved, dict) else getattr(saved, part))
+        b = _named_leaves(getattr(target, part))
+        for key in sorted(set(a) | set(b)):
+            name = f"{part}/{key}"
+            if key not in b:
+                raise ValueError(f"checkpoint {where} has {name}, which the model does not")
+            if key not in a:
+                raise ValueError(f"checkpoint {where} lacks {name}, which the model has")
+            if tuple(np.shape(a[key])) != tuple(np.shape(b[key])):
+                raise ValueError(f"checkpoint {where}: {name} has shape {tuple(np.shape(a[key]))}"
+                                 f", the model's is {tuple(np.shape(b[key]))}")
+
+
+def _named_leaves(tree: Any) -> dict[str, Any]:
+    """{'layer1_0/conv1/kernel': leaf} whatever the containers (dicts, dataclasses, tuples)."""
+    def name(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    return {"/".join(name(e) for e in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _lock(workdir: str, chief: bool):
+    return guard.workdir_lock(workdir) if chief else contextlib.nullcontext()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train per the config into `workdir`, resuming from its latest intact checkpoint.
+
+    Returns the last evaluation record (with "stopped": signal name when SIGTERM/SIGINT
+    ended the run early, after saving a checkpoint at the step it had reached).
     """
     maybe_initialize_distributed(config)
     exp = setup(config)
-    config = exp.config
     chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    with _lock(workdir, chief), guard.StopSignal() as stop:
+        return _train(exp, workdir, chief, stop)
+
+
+def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -> dict[str, Any]:
+    config = exp.config
     if chief:
         _write_config(config, workdir)
-
     strategy = make_strategy(
         config.parallel,
-        lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis),
+        lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis,
+                                     config.skip_nonfinite_steps),
         lambda axis: make_eval_step(exp.model, exp.num_classes, axis),
         config.batch_size, config.eval_batch_size, compiler_options(config))
     root = jax.random.key(config.seed)
@@ -172,15 +238,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         exp.model, exp.tx, init_rng, exp.image_shape)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    restored = ckpt.restore(state)
+    where = os.path.join(workdir, "checkpoints")
+    try:
+        restored = ckpt.restore_checked(
+            state, check=lambda meta, saved: check_checkpoint_fits(exp, meta, saved, state, where))
+    except BaseException:
+        ckpt.close()
+        raise
     if restored is not None:
-        state = restored
-        log.info("resumed from step %d", int(state.step))
+        state = restored.state
+        log.info("resumed from step %d", restored.step)
+        if chief:
+            print(f"resumed from step {restored.step}", file=sys.stderr, flush=True)
     start_step = int(state.step)
     state = strategy.place_state(state)
 
-    writer = metrics_lib.MetricWriter(workdir, enabled=chief)
     history = [r for r in metrics_lib.read_metrics(workdir) if r["step"] <= start_step]
+    if chief:
+        metrics_lib.rewrite_metrics(workdir, history)  # drop records past the resumed step
+    writer = metrics_lib.MetricWriter(workdir, enabled=chief)
     best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
 
     end_step = exp.total_steps
@@ -192,76 +268,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                jax.process_index(), jax.process_count()),
         strategy.put_train_batch)
     bar = _progress(exp.total_steps, start_step, config.progress_bar and chief)
-    window: list[dict[str, jax.Array]] = []
-    epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-    window_start, window_step = time.perf_counter(), start_step
-    epoch_images, epoch_time = 0, 0.0
+    loop = _Window(exp, strategy, writer, bar, start_step, chief)
     record: dict[str, Any] = history[-1] if history else {}
-    last_lr = float("nan")
     step = start_step
+    stopped = ""
+
+    def save(which: str = "latest") -> None:
+        loop.flush(step)  # never save a state that went non-finite
+        meta = checkpoint_meta(exp, dropout_rng, step)
+        gathered = strategy.gather_state(state)
+        if which == "best":
+            ckpt.save_best(gathered, step, meta)
+        else:
+            ckpt.save_latest(gathered, step, meta)
+
     try:
         while step < end_step:
             batch = next(batches)
             state, m = strategy.train_step(state, batch, dropout_rng)
-            window.append(m)
+            loop.window.append(m)
             step += 1
             at_epoch_end = step % exp.steps_per_epoch == 0
-            if len(window) >= config.log_every_steps or at_epoch_end or step == end_step:
-                fetched = [jax.tree.map(fetch, strategy.first(m)) for m in window]
-                elapsed = time.perf_counter() - window_start
-                ips = (step - window_step) * config.batch_size / max(elapsed, 1e-9)
-                epoch_images += (step - window_step) * config.batch_size
-                epoch_time += elapsed
-                for k, f in enumerate(fetched):
-                    if not bool(f["finite"]):
-                        raise FloatingPointError(
-                            f"non-finite loss or gradient at step {step - len(fetched) + k + 1}")
-                    epoch_sums["loss"] += float(f["loss"])
-                    epoch_sums["accuracy"] += float(f["accuracy"])
-                    epoch_sums["n"] += 1
-                bar.update(step - bar.n)
-                bar.set_postfix(loss=f"{float(fetched[-1]['loss']):.4f}",
-                                acc=f"{np.mean([float(f['accuracy']) for f in fetched]):.3f}",
-                                img_s=f"{ips:.0f}", lr=f"{float(fetched[-1]['learning_rate']):.4g}")
-                last_lr = float(fetched[-1]["learning_rate"])
-                window = []
-                window_start, window_step = time.perf_counter(), step
+            if len(loop.window) >= config.log_every_steps or at_epoch_end or step == end_step:
+                loop.flush(step)
             epoch = step / exp.steps_per_epoch
             eval_now = (at_epoch_end and round(epoch) % config.eval_every_epochs == 0) \
                 or step == exp.total_steps
             if eval_now:
                 result = evaluate(exp, state, strategy.eval_step, strategy)
-                record = {
-                    "step": step, "epoch": round(epoch, 4), "learning_rate": last_lr,
-                    "train_loss": epoch_sums["loss"] / max(epoch_sums["n"], 1),
-                    "train_accuracy": epoch_sums["accuracy"] / max(epoch_sums["n"], 1),
-                    "test_loss": result["loss"], "test_accuracy": result["top1"],
-                    "test_top5_accuracy": result["top5"], "test_count": result["count"],
-                    "images_per_second": epoch_images / max(epoch_time, 1e-9),
-                }
+                record = loop.epoch_record(step, result)
                 writer.write(record)
                 history.append(record)
-                if chief:
-                    bar.write(f"epoch {epoch:g}: train loss {record['train_loss']:.4f} acc "
-                              f"{record['train_accuracy']:.4f} | test loss {result['loss']:.4f} "
-                              f"acc {result['top1']:.4f} | {record['images_per_second']:.0f} img/s")
-                epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-                epoch_images, epoch_time = 0, 0.0
-                ckpt.save_latest(strategy.gather_state(state), step)
+                save()
                 if result["top1"] > best_accuracy:
                     best_accuracy = result["top1"]
-                    ckpt.save_best(strategy.gather_state(state), step)
-                window_start = time.perf_counter()
+                    save("best")
+                loop.window_start = time.perf_counter()
             elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-                ckpt.save_latest(strategy.gather_state(state), step)
+                save()
+            if _stop_requested(stop, step, config.log_every_steps):
+                stopped = stop.name or "stop"
+                save()
+                break
         if step == end_step:
-            ckpt.save_latest(strategy.gather_state(state), step)
+            save()
     finally:
         bar.close()
-        ckpt.wait()
-        ckpt.close()
+        ckpt.close()  # waits for the saves in flight, then writes their manifests
         writer.close()
 
+    if stopped:
+        if chief:
+            print(f"received {stopped} at step {step}: checkpoint saved to {where}; run the "
+                  "same command again to resume from it", file=sys.stderr, flush=True)
+        return dict(record, stopped=stopped, step=step)
     if step == exp.total_steps and history:
         final = evaluate(exp, state, strategy.eval_step, strategy)
         if not chief:
@@ -271,3 +331,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         metrics_lib.plot_confusion_matrix(final["confusion"], exp.info.class_names,
                                           os.path.join(plots, "confusion_matrix.png"))
     return record
+
+
+def _stop_requested(stop: guard.StopSignal, step: int, every: int) -> bool:
+    """Whether to stop after `step`. One process: as soon as a signal arrived. Several:
+    every `every` steps, all processes agree (any one signalled), so they save the same step."""
+    if jax.process_count() == 1:
+        return stop.received is not None
+    if step % max(every, 1):
+        return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(stop.received is not None))
+    return bool(np.any(flags))
+
+
+class _Window:
+    """The step metrics not yet looked at: fetched, checked for non-finite values, summed
+    into the epoch's numbers, shown on the progress bar and appended to train_metrics.jsonl."""
+
+    def __init__(self, exp: Experiment, strategy: Strategy, writer, bar, step: int, chief: bool):
+        self.exp, self.strategy, self.bar, self.chief = exp, strategy, bar, chief
+        self.path = os.path.join(writer.path[: -len("metrics.jsonl")], "train_metrics.jsonl")
+        self.window: list[dict[str, jax.Array]] = []
+        self.window_start, self.window_step = time.perf_counter(), step
+        self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        self.epoch_images, self.epoch_time = 0, 0.0
+        self.last_lr = float("nan")
+        self.skipped = 0
+
+    def flush(self, step: int) -> None:
+        if not self.window:
+            return
+        config = self.exp.config
+        fetched = [jax.tree.map(fetch, self.strategy.first(m)) for m in self.window]
+        self.window = []
+        first_step = step - len(fetched) + 1
+        for k, f in enumerate(fetched):
+            if not bool(f["finite"]):
+                if not config.skip_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {first_step + k} (counting from "
+                        f"1); the latest checkpoint is the last finite state. Lower the "
+                        "learning rate, clip gradients (grad_clip) or set skip_nonfinite_steps")
+                self.skipped += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped",
+                            first_step + k)
+                continue
+            self.epoch_sums["loss"] += float(f["loss"])
+            self.epoch_sums["accuracy"] += float(f["accuracy"])
+            self.epoch_sums["n"] += 1
+        elapsed = time.perf_counter() - self.window_start
+        images = (step - self.window_step) * config.batch_size
+        ips = images / max(elapsed, 1e-9)
+        self.epoch_images += images
+        self.epoch_time += elapsed
+        last = fetched[-1]
+        self.last_lr = float(last["learning_rate"])
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{float(last['loss']):.4f}",
+                             acc=f"{np.mean([float(f['accuracy']) for f in fetched]):.3f}",
+                             img_s=f"{ips:.0f}", lr=f"{self.last_lr:.4g}")
+        if self.chief:
+            with open(self.path, "a") as out:
+                out.write(json.dumps({"step": step, "loss": float(last["loss"]),
+                                      "accuracy": float(np.mean([float(f["accuracy"])
+                                                                 for f in fetched])),
+                                      "learning_rate": self.last_lr,
+                                      "images_per_second": ips,
+                                      "skipped_steps": self.skipped}) + "\n")
+        self.window_start, self.window_step = time.perf_counter(), step
+
+    def epoch_record(self, step: int, result: dict[str, Any]) -> dict[str, Any]:
+        n = max(self.epoch_sums["n"], 1)
+        record = {
+            "step": step, "epoch": round(step / self.exp.steps_per_epoch, 4),
+            "learning_rate": self.last_lr,
+            "train_loss": self.epoch_sums["loss"] / n,
+            "train_accuracy": self.epoch_sums["accuracy"] / n,
+            "test_loss": result["loss"], "test_accuracy": result["top1"],
+            "test_top5_accuracy": result["top5"], "test_count": result["count"],
+            "images_per_second": self.epoch_images / max(self.epoch_time, 1e-9),
+        }
+        if self.skipped:
+            record["skipped_steps"] = self.skipped
+        if self.chief:
+            self.bar.write(f"epoch {record['epoch']:g}: train loss {record['train_loss']:.4f} acc "
+                           f"{record['train_accuracy']:.4f} | test loss {result['loss']:.4f} acc "
+                           f"{result['top1']:.4f} | {record['images_per_second']:.0f} img/s")
+        self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
+        self.epoch_images, self.epoch_time = 0, 0.0
+        return record

@@ -36,6 +36,17 @@ class MetricWriter:
             self._tb.close()
 
 
+def rewrite_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl by `records` (atomically), e.g. after resuming from an earlier step."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path) and not records:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, path)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of metrics.jsonl ([] if there is none)."""
     path = os.path.join(workdir, "metrics.jsonl")

@@ -45,12 +45,16 @@ def _sum(x, axis_name: str | None):
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
-                    label_smoothing: float = 0.0, axis_name: str | None = None
+                    label_smoothing: float = 0.0, axis_name: str | None = None,
+                    skip_nonfinite: bool = False
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model` and optimizer `tx`.
 
     The dropout key is `fold_in(rng, step)` (and the device index when mapped), so a run
-    resumed at step s draws the same dropout masks as an uninterrupted one.
+    resumed at step s draws the same dropout masks as an uninterrupted one. With
+    `skip_nonfinite`, a step whose loss or gradient is not finite leaves params, batch
+    statistics and optimizer state as they were (the step counter still advances, so the
+    data moves on); `metrics["finite"]` says which steps those were.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -85,6 +89,12 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         }
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
+        if skip_nonfinite:
+            keep = metrics["finite"]
+            new_state = new_state.replace(**{
+                name: jax.tree.map(lambda new, old: jnp.where(keep, new, old),
+                                   getattr(new_state, name), getattr(state, name))
+                for name in ("params", "batch_stats", "opt_state")})
         return new_state, metrics
 
     return train_step
