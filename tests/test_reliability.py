@@ -153,17 +153,18 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
     assert_same_tree(state_a, state_b)  # bit-identical: same data order, same dropout keys
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_the_current_step_exits_0_and_the_next_start_resumes_there(
-        tmp_path, reference):
+        tmp_path, reference, sig):
     workdir = str(tmp_path / "terminated")
     proc = subprocess.Popen(cli_args(small_config(), workdir), cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     wait_for_step(proc, workdir, 5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    stopped = int(re.search(r"received SIGTERM at step (\d+): checkpoint saved", err).group(1))
+    stopped = int(re.search(rf"received {sig.name} at step (\d+): checkpoint saved", err).group(1))
     assert 5 <= stopped < 24
     assert complete_steps(workdir)[-1] == stopped
     assert logged_step(workdir) == stopped  # it finished the step it was in, no more
