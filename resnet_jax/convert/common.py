@@ -1,0 +1,84 @@
+"""What the converters share: the variables a registry model expects, and the assembly of a
+variable tree from (source name, transform) rules with every tensor accounted for."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import unfreeze
+
+from resnet_jax.models import get_model, get_spec
+
+
+class ConversionError(ValueError):
+    """A source tensor is missing, left over, or of the wrong shape."""
+
+
+def expected_variables(model_name: str, num_classes: int, **overrides) -> dict[str, Any]:
+    """{"params": ..., "batch_stats": ...} of ShapeDtypeStructs for the registry model."""
+    model = get_model(model_name, num_classes=num_classes, **overrides)
+    shape = get_spec(model_name).input_shape
+    variables = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                           jnp.zeros((1, *shape), jnp.float32)))
+    return unfreeze(variables)
+
+
+def flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat(value, prefix + (key,)))
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def unflat(items: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in items.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+Rule = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def assemble(expected: Mapping, rules: Mapping[tuple[str, ...], Rule],
+             source: Mapping[str, np.ndarray], ignore: Callable[[str], bool] = lambda k: False,
+             what: str = "state_dict") -> dict[str, Any]:
+    """The variable tree shaped like `expected`, each leaf `transform(source[name])` per
+    `rules[(collection, *path)]`. Errors name the first missing, extra or misshapen tensor."""
+    leaves = flat(expected)
+    unmapped = [p for p in leaves if p not in rules]
+    if unmapped:
+        raise ConversionError(f"no source tensor is mapped to {'/'.join(unmapped[0])}")
+    missing = sorted({rules[p][0] for p in leaves} - set(source))
+    if missing:
+        raise ConversionError(f"{what} lacks {missing[0]!r}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    used = {rules[p][0] for p in leaves}
+    extra = sorted(k for k in source if k not in used and not ignore(k))
+    if extra:
+        raise ConversionError(f"{what} has {extra[0]!r}, which the model has no place for"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    out = {}
+    for path, leaf in leaves.items():
+        name, transform = rules[path]
+        array = np.asarray(source[name])
+        value = np.asarray(transform(array), dtype=np.float32)
+        if value.shape != tuple(leaf.shape):
+            raise ConversionError(f"{what}[{name!r}] has shape {array.shape}: converted "
+                                  f"{value.shape}, but {'/'.join(path)} needs {tuple(leaf.shape)}")
+        out[path] = value
+    return unflat(out)
+
+
+def identity(a: np.ndarray) -> np.ndarray:
+    return a
