@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Keras on JAX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

@@ -117,3 +117,102 @@ def test_conversion_errors_name_the_tensor():
         tv_convert.convert(state_dict, "resnet34")  # a resnet18 state_dict for a resnet34
     with pytest.raises(ValueError, match=r"model_name='resnet19'"):
         tv_convert.convert(state_dict, "resnet19")
+
+
+# --- Keras --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keras_resnet50():
+    """keras.applications.ResNet50 (JAX backend), random weights, randomised BN statistics."""
+    import keras
+
+    assert keras.backend.backend() == "jax"
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50(weights=None, classifier_activation=None)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = (np.asarray(w) for w in layer.get_weights())
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.2, beta.shape),
+                               rng.normal(0, 0.2, mean.shape), rng.uniform(0.5, 2.0, var.shape)])
+        elif isinstance(layer, keras.layers.Conv2D):
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, rng.normal(0, 0.1, bias.shape)])  # not all zeros
+    return model
+
+
+def keras_files(model, directory) -> dict[str, str]:
+    """The model's weights in both formats: Keras 3 `.weights.h5` and the legacy HDF5 layout
+    of the files keras.applications downloads (written by Keras' own legacy writer)."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras3 = os.path.join(directory, "resnet50.weights.h5")
+    model.save_weights(keras3)
+    legacy = os.path.join(directory, "resnet50_legacy.h5")
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    return {"keras3": keras3, "legacy": legacy}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["legacy", "keras3"])
+def test_keras_weights_give_keras_logits_and_block_outputs(keras_resnet50, tmp_path, fmt):
+    import keras
+
+    from resnet_jax.convert import files
+    from resnet_jax.convert import keras as keras_convert
+
+    path = keras_files(keras_resnet50, str(tmp_path))[fmt]
+    weights = files.read_keras_h5(path)
+    if fmt == "legacy":
+        assert "conv2_block1_0_conv" in weights
+    else:
+        assert "conv2d_52" in weights
+    variables = keras_convert.convert(weights, "keras_resnet50")
+    blocks = [(f"layer{s + 1}_{b}", f"conv{s + 2}_block{b + 1}_out")
+              for s, n in enumerate(keras_convert.STAGES) for b in range(n)]
+    pairs = [("bn1", "conv1_bn")] + blocks
+    probe = keras.Model(keras_resnet50.input,
+                        [keras_resnet50.output] + [keras_resnet50.get_layer(k).output
+                                                   for _, k in pairs])
+    x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    theirs = [np.asarray(o) for o in probe(x, training=False)]
+    ours_logits, ours = flax_outputs("keras_resnet50", variables, x, [p[0] for p in pairs])
+    for (mine, its), their in zip(pairs, theirs[1:]):
+        assert rel_err(ours[mine], their) < TOL, f"{mine} vs Keras {its}"
+    assert rel_err(ours_logits, theirs[0]) < TOL
+
+
+def test_keras_conversion_errors_name_the_layer(keras_resnet50, tmp_path):
+    from resnet_jax.convert import files
+    from resnet_jax.convert import keras as keras_convert
+
+    weights = files.read_keras_h5(keras_files(keras_resnet50, str(tmp_path))["legacy"])
+    broken = dict(weights)
+    del broken["conv4_block3_2_bn"]
+    with pytest.raises(ConversionError, match=r"weights lack.*'conv4_block3_2_bn\[0\]'"):
+        keras_convert.convert(broken, "keras_resnet50")
+    wrong = dict(weights, conv1_conv=[np.zeros((3, 3, 3, 64), np.float32), weights["conv1_conv"][1]])
+    with pytest.raises(ConversionError, match=r"weights\['conv1_conv\[0\]'\] has shape \(3, 3, 3, "
+                       r"64\).*needs \(7, 7, 3, 64\)"):
+        keras_convert.convert(wrong, "keras_resnet50")
+
+
+def test_the_zoo_expresses_keras_resnet50():
+    from resnet_jax.models import get_spec
+
+    import keras
+
+    spec = get_spec("keras_resnet50")
+    assert spec.fields["stride_on"] == "1x1" and spec.fields["conv_bias"]
+    assert spec.fields["bn_epsilon"] == 1.001e-5
+    from resnet_jax.convert.common import expected_variables
+
+    ours = sum(int(np.prod(x.shape)) for x in
+               jax.tree.leaves(expected_variables("keras_resnet50", 1000)["params"]))
+    theirs = keras.applications.ResNet50(weights=None).count_params()
+    bn_stats = 2 * sum(int(np.prod(x.shape)) for x in
+                       jax.tree.leaves(expected_variables("keras_resnet50", 1000)["batch_stats"]))
+    # Keras counts the BatchNorm moving statistics as parameters
+    assert ours + bn_stats // 2 == theirs == 25_636_712

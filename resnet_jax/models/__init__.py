@@ -89,6 +89,14 @@ _REGISTRY["mnist_preact_resnet"] = ModelSpec(
     "Small pre-activation net of the MNIST seed: conv 8, res 16,16, pool, 32,32, pool, "
     "64,64, dense 128",
 )
+_REGISTRY["keras_resnet50"] = ModelSpec(
+    ResNet,
+    dict(stage_sizes=(3, 4, 6, 3), block="bottleneck", stride_on="1x1", conv_bias=True,
+         bn_epsilon=1.001e-5),
+    IMAGENET, 1000,
+    "ResNet-50 v1 as keras.applications.ResNet50: stride on the first 1x1 conv, conv "
+    "biases, BatchNorm epsilon 1.001e-5",
+)
 _REGISTRY["fashion_mnist_resnet50"] = ModelSpec(
     ResNet, dict(stage_sizes=(3, 4, 6, 3), block="bottleneck"), MNIST, 10,
     "ResNet-50, ImageNet layout, on 28x28x1 Fashion-MNIST (the Fashion-MNIST seed)",
