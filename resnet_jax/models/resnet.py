@@ -121,6 +121,8 @@ class ResNet(nn.Module):
       axis_name: mapped axis over which BatchNorm statistics are synchronised, or None.
       conv_bias: convolutions with biases (Keras' ResNet50 has them; torchvision's do not).
       conv_general_dilated: an alternative convolution primitive for every conv (None: lax's).
+      head_hidden: >0 puts a dense layer of that width + ReLU (`fc_hidden`) between the
+        global pooling and `fc`, as in the transfer-learning seed (dense 1024, dense 10).
     """
 
     stage_sizes: Sequence[int]
@@ -140,6 +142,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     conv_bias: bool = False
     conv_general_dilated: Callable | None = None
+    head_hidden: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -176,6 +179,8 @@ class ResNet(nn.Module):
                     name=f"layer{i + 1}_{j}",
                 )(x)
         x = global_avg_pool(x)
+        if self.head_hidden:
+            x = nn.relu(make_dense(self.dtype)(self.head_hidden, name="fc_hidden")(x))
         x = make_dense(self.dtype)(self.num_classes, name="fc")(x)
         return jnp.asarray(x, jnp.float32)
 

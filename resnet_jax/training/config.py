@@ -21,6 +21,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_classes = 0  # 0: the dataset's class count
     c.dtype = "float32"
     c.model_overrides = ml_collections.ConfigDict()  # extra model fields, e.g. shortcut
+    c.init_from = ""  # a converted-weights dir or a run's workdir to start from
+    c.freeze = ""  # "backbone": train only the head (fc, fc_hidden; AlexNet's fc8)
     c.fast_cpu_conv = True  # CPU backend: ops.cpu_conv's convolution and XLA options
     # data
     c.dataset = "fashion_mnist"
@@ -29,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_split = "test"
     c.image_size = 0  # variable-size datasets (ImageNet): crop size; 0: 224
     c.augment = ""  # "": the dataset's default
+    c.channels = 0  # 0: the dataset's; 3: grayscale repeated to RGB (ImageNet-pretrained nets)
     c.train_subset = 0  # >0: train on the first N examples only (quick runs)
     c.eval_subset = 0
     # optimisation
@@ -138,6 +141,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.eval_every_epochs >= 1, f"eval_every_epochs={c.eval_every_epochs!r} must be >= 1")
     _check(c.parallel in ("single", "pmap", "sharded"),
            f"parallel={c.parallel!r}; expected one of ('single', 'pmap', 'sharded')")
+    _check(c.freeze in ("", "backbone"), f"freeze={c.freeze!r}; expected '' or 'backbone'")
+    _check(c.channels in (0, 1, 3), f"channels={c.channels!r}; expected 0 (the dataset's), 1 or 3")
     _check(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints!r} must be >= 1")
     if c.schedule == "piecewise":
         _check(len(c.lr_boundaries) > 0, "schedule='piecewise' needs lr_boundaries")

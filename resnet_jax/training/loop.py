@@ -20,7 +20,7 @@ import numpy as np
 from resnet_jax.data import pipeline
 from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source
 from resnet_jax.models import get_model, get_spec
-from resnet_jax.training import guard
+from resnet_jax.training import guard, transfer
 from resnet_jax.training import metrics as metrics_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.config import total_steps, validate_config
@@ -90,6 +90,14 @@ def _subset(source, n: int):
     return source
 
 
+def _to_rgb(source):
+    if source is None:
+        return None
+    if not isinstance(source, ArraySource):
+        raise ValueError("channels=3 needs an in-memory dataset (IDX files or tfds arrays)")
+    return ArraySource(np.repeat(source.images, 3, axis=-1), source.labels)
+
+
 def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
     """Validate the config, load the data, build model and optimizer."""
     validate_config(config)
@@ -101,12 +109,19 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     else:
         size = config.image_size or 224
         image_shape = (size, size, 3)
+    if config.channels and config.channels != image_shape[-1]:
+        if image_shape[-1] != 1 or config.channels != 3:
+            raise ValueError(f"channels={config.channels}: {config.dataset} images have "
+                             f"{image_shape[-1]} channel(s); only 1 -> 3 is supported")
+        image_shape = (*image_shape[:-1], 3)
     check_input_shape(model, config.model, image_shape)  # before any data is read
     data_dir = config.data_dir or None
     train_source = _subset(load_source(config.dataset, "train", data_dir, config.data_source),
                            config.train_subset) if load_train else None
     eval_source = _subset(load_source(config.dataset, config.eval_split, data_dir,
                                       config.data_source), config.eval_subset)
+    if config.channels == 3 and (info.image_shape or (0, 0, 3))[-1] == 1:
+        train_source, eval_source = _to_rgb(train_source), _to_rgb(eval_source)
     if isinstance(eval_source, ArraySource) and eval_source.images.shape[1:] != image_shape:
         raise ValueError(f"{config.dataset} images have shape {eval_source.images.shape[1:]}, "
                          f"expected {image_shape}")
@@ -116,6 +131,8 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
         config = ml_collections.ConfigDict(config.to_dict())
         config.plateau_accumulation = spe
     tx, schedule = make_optimizer(config, spe)
+    if config.freeze == "backbone":
+        tx = transfer.freeze_backbone(tx)
     return Experiment(config, info, train_source, eval_source, image_shape, num_classes, model,
                       tx, schedule, spe, total_steps(config, spe))
 
@@ -206,6 +223,21 @@ def _named_leaves(tree: Any) -> dict[str, Any]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def init_from_pretrained(exp: Experiment, state: TrainState, directory: str) -> TrainState:
+    """`state` with the pretrained variables of `directory` (transfer.merge_pretrained rules)
+    and a fresh optimizer state for them."""
+    pretrained = transfer.load_pretrained(directory)
+    merged, fresh_head = transfer.merge_pretrained(
+        {"params": state.params, "batch_stats": state.batch_stats}, pretrained,
+        f"init_from={directory!r}")
+    log.info("initialised from %s%s", directory,
+             f"; head re-initialised: {', '.join(fresh_head)}" if fresh_head else "")
+    params = jax.tree.map(jnp.asarray, merged["params"])
+    return state.replace(params=params,
+                         batch_stats=jax.tree.map(jnp.asarray, merged["batch_stats"]),
+                         opt_state=exp.tx.init(params))
+
+
 def _lock(workdir: str, chief: bool):
     return guard.workdir_lock(workdir) if chief else contextlib.nullcontext()
 
@@ -230,7 +262,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     strategy = make_strategy(
         config.parallel,
         lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis,
-                                     config.skip_nonfinite_steps),
+                                     config.skip_nonfinite_steps, config.freeze == "backbone"),
         lambda axis: make_eval_step(exp.model, exp.num_classes, axis),
         config.batch_size, config.eval_batch_size, compiler_options(config))
     root = jax.random.key(config.seed)
@@ -250,6 +282,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         log.info("resumed from step %d", restored.step)
         if chief:
             print(f"resumed from step {restored.step}", file=sys.stderr, flush=True)
+    elif config.init_from:
+        state = init_from_pretrained(exp, state, config.init_from)
     start_step = int(state.step)
     state = strategy.place_state(state)
 

@@ -46,7 +46,7 @@ def _sum(x, axis_name: str | None):
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
                     label_smoothing: float = 0.0, axis_name: str | None = None,
-                    skip_nonfinite: bool = False
+                    skip_nonfinite: bool = False, frozen_backbone: bool = False
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model` and optimizer `tx`.
 
@@ -54,7 +54,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     resumed at step s draws the same dropout masks as an uninterrupted one. With
     `skip_nonfinite`, a step whose loss or gradient is not finite leaves params, batch
     statistics and optimizer state as they were (the step counter still advances, so the
-    data moves on); `metrics["finite"]` says which steps those were.
+    data moves on); `metrics["finite"]` says which steps those were. With
+    `frozen_backbone` the model runs in inference mode (BatchNorm on its running statistics,
+    which stay as they are; no dropout): `tx` then updates only the head.
     """
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
@@ -63,10 +65,13 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
         def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                train=True, mutable=["batch_stats"], rngs={"dropout": key},
-            )
+            variables = {"params": params, "batch_stats": state.batch_stats}
+            if frozen_backbone:
+                logits = model.apply(variables, batch["image"], train=False)
+                updates = {}
+            else:
+                logits, updates = model.apply(variables, batch["image"], train=True,
+                                              mutable=["batch_stats"], rngs={"dropout": key})
             loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
             return loss, (logits, updates.get("batch_stats", state.batch_stats))
 

@@ -1,0 +1,80 @@
+"""Convert published (or your own) torchvision / Keras weights into a resnet_jax checkpoint.
+
+    python -m experiments.convert_weights --source torchvision --model resnet50 \
+        --input resnet50-0676ba61.pth --output weights/resnet50_v1
+    python -m experiments.convert_weights --source keras --model keras_resnet50 \
+        --input resnet50_weights_tf_dim_ordering_tf_kernels.h5 --output weights/keras_resnet50
+
+Inputs: `.pth`/`.pt` (needs torch), `.npz`, `.safetensors` (torchvision names), `.h5` (Keras:
+the legacy file keras.applications downloads, or a Keras 3 `.weights.h5`). A file named as a
+published one must have its published hash (torchvision: SHA-256 prefix; Keras: MD5);
+`conversion.json` records the file's SHA-256, the registry entry (preprocessing, parameter
+count, published top-1) and the parameter count of the result. Train from it with
+`--config.init_from=OUTPUT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+
+
+def convert_file(source: str, model: str, path: str) -> tuple[dict, dict]:
+    from resnet_jax.convert import files
+    from resnet_jax.convert import keras as keras_convert
+    from resnet_jax.convert import torchvision as tv_convert
+
+    known = files.identify(path)
+    if known is not None and known[1]["source"] != source:
+        raise ValueError(f"{path} is a published {known[1]['source']} file, not {source}")
+    if known is not None and known[1]["model"] != model:
+        raise ValueError(f"{path} holds {known[1]['model']} weights, not {model}")
+    if source == "torchvision":
+        variables = tv_convert.convert(files.read_state_dict(path), model)
+    elif source == "keras":
+        if not path.endswith(".h5"):
+            raise ValueError(f"{path}: Keras weights are read from .h5 files")
+        variables = keras_convert.convert(files.read_keras_h5(path), model)
+    else:
+        raise ValueError(f"source={source!r}; expected 'torchvision' or 'keras'")
+    params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables["params"]))
+    info = {"source": source, "model": model, "input": path, "sha256": files.sha256(path),
+            "params": params, "published": known[1] if known else None,
+            "num_classes": int(np.shape(variables["params"][
+                "fc8" if model == "alexnet_owt" else "fc"]["bias"])[0])}
+    if known and known[1].get("params") and known[1]["source"] == "torchvision" \
+            and known[1]["params"] != params:
+        raise ValueError(f"{path}: converted {params:,} parameters, published {known[1]['params']:,}")
+    return variables, info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", required=True, choices=("torchvision", "keras"))
+    parser.add_argument("--model", required=True, help="registry model, e.g. resnet50, "
+                        "alexnet_owt, keras_resnet50")
+    parser.add_argument("--input", required=True, help=".pth, .pt, .npz, .safetensors or .h5")
+    parser.add_argument("--output", required=True, help="directory for the orbax checkpoint")
+    args = parser.parse_args(argv)
+    from resnet_jax.convert import ConversionError
+    from resnet_jax.training.transfer import save_variables
+
+    try:
+        variables, info = convert_file(args.source, args.model, args.input)
+    except (ValueError, ConversionError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    save_variables(variables, args.output, info)
+    print(json.dumps({k: info[k] for k in ("model", "params", "num_classes", "sha256")}))
+    if info["published"]:
+        p = info["published"]
+        print(f"published file {p['weights']}: top-1 {p['top1']}%, preprocessing {p['preprocess']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

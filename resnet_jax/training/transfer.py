@@ -1,0 +1,142 @@
+"""Transfer learning: start from converted or trained weights, optionally train only the head.
+
+`load_pretrained(directory)` reads `{"params", "batch_stats"}` from the output of
+`experiments.convert_weights` or from a training run's workdir (its best checkpoint, else its
+latest). `merge_pretrained` puts them into a freshly initialised model: the head (`fc`,
+`fc_hidden`, AlexNet's `fc8`) keeps its fresh initialisation when the pretrained one is
+absent or has another shape (another class count); any other difference is an error naming
+the tensor. `freeze_backbone(tx)` makes the optimizer update the head only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import optax
+from flax.core import unfreeze
+
+log = logging.getLogger("resnet_jax")
+
+HEAD_MODULES = ("fc", "fc_hidden", "fc8")
+FREEZE_CHOICES = ("", "backbone")
+VARIABLES_DIR = "variables"  # orbax checkpoint of {"params", "batch_stats"} in a converted dir
+
+
+def is_head(path: tuple[str, ...]) -> bool:
+    return bool(path) and path[0] in HEAD_MODULES
+
+
+def head_labels(params: Mapping) -> Any:
+    """"head" / "backbone" for every leaf of `params` (same structure)."""
+    def label(tree, prefix=()):
+        return {k: (label(v, prefix + (k,)) if isinstance(v, Mapping)
+                    else ("head" if is_head(prefix + (k,)) else "backbone"))
+                for k, v in tree.items()}
+    return label(unfreeze(params))
+
+
+def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` for the head's parameters, zero updates (and no optimizer state) elsewhere."""
+    return optax.multi_transform({"head": tx, "backbone": optax.set_to_zero()}, head_labels)
+
+
+def save_variables(variables: Mapping, directory: str, info: dict | None = None) -> str:
+    """Write converted variables as an orbax checkpoint (plus `conversion.json`)."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, VARIABLES_DIR),
+                  {k: _as_numpy(v) for k, v in variables.items()}, force=True)
+    if info is not None:
+        with open(os.path.join(directory, "conversion.json"), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+    return directory
+
+
+def _as_numpy(tree):
+    import jax
+
+    return jax.tree.map(np.asarray, unfreeze(tree))
+
+
+def load_pretrained(directory: str) -> dict[str, Any]:
+    """{"params", "batch_stats"} from a converted-weights dir or a training workdir."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    converted = os.path.join(directory, VARIABLES_DIR)
+    if os.path.isdir(converted):
+        with ocp.StandardCheckpointer() as ckpt:
+            out = ckpt.restore(converted)
+        return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        from resnet_jax.training.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
+        try:
+            restored = (ckpt.restore_checked(which="best") if ckpt.steps("best")
+                        else ckpt.restore_checked(which="latest"))
+        finally:
+            ckpt.close()
+        if restored is not None:
+            state = restored.state
+            return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    raise FileNotFoundError(
+        f"init_from={directory!r} holds neither converted weights ({VARIABLES_DIR}/, written by "
+        "python -m experiments.convert_weights) nor a run's checkpoints/")
+
+
+def _flat(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
+                     source: str = "init_from") -> tuple[dict[str, Any], list[str]]:
+    """The fresh variables with every pretrained tensor put in, and the head tensors that kept
+    their fresh initialisation. ValueError naming any other missing, extra or misshapen one."""
+    out, reinitialised = {}, []
+    for collection in ("params", "batch_stats"):
+        mine = _flat(unfreeze(fresh.get(collection, {})))
+        theirs = _flat(unfreeze(pretrained.get(collection, {})))
+        extra = sorted(p for p in theirs if p not in mine and not is_head(p))
+        if extra:
+            raise ValueError(f"{source} has {collection}/{'/'.join(extra[0])}, which the model "
+                             "does not")
+        merged = {}
+        for path, value in mine.items():
+            name = f"{collection}/{'/'.join(path)}"
+            if path not in theirs:
+                if is_head(path):
+                    reinitialised.append(name)
+                    merged[path] = value
+                    continue
+                raise ValueError(f"{source} lacks {name}, which the model has")
+            new = np.asarray(theirs[path])
+            if new.shape != tuple(np.shape(value)):
+                if is_head(path):
+                    reinitialised.append(name)
+                    merged[path] = value
+                    continue
+                raise ValueError(f"{source}: {name} has shape {new.shape}, the model's is "
+                                 f"{tuple(np.shape(value))}")
+            merged[path] = new.astype(np.asarray(value).dtype)
+        tree: dict[str, Any] = {}
+        for path, value in merged.items():
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        out[collection] = tree
+    return out, reinitialised
