@@ -14,7 +14,7 @@ import pytest
 from resnet_jax.convert import ConversionError
 from resnet_jax.convert import torchvision as tv_convert
 from resnet_jax.models import get_model
-from torch_models import torchvision_models
+from resnet_jax.convert.torchvision import torchvision_models
 
 TOL = 1e-4
 

@@ -11,6 +11,9 @@ to scale / bias, `num_batches_tracked` is dropped. torchvision's BatchNorm epsil
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from typing import Any, Mapping
 
 import numpy as np
@@ -119,3 +122,30 @@ def _numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def torchvision_models():
+    """`torchvision.models` (the model code of the installed torchvision).
+
+    The torchvision wheel on PyPI is built against CUDA torch; beside a CPU-only torch its C
+    extension (detection ops) cannot load and the package's `__init__` fails registering those
+    ops. The classification models are plain Python, so in that case the package is entered
+    without its `__init__`."""
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401 - the whole package when its extension loads
+        except (RuntimeError, OSError, ImportError):
+            for name in [n for n in sys.modules
+                         if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]
+            spec = importlib.util.find_spec("torchvision")
+            if spec is None:
+                raise
+            package = types.ModuleType("torchvision")
+            package.__path__ = list(spec.submodule_search_locations)
+            package.__spec__ = spec
+            package.__file__ = spec.origin
+            sys.modules["torchvision"] = package
+    import torchvision.models as models
+
+    return models
