@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh machine: a virtual environment with the pinned requirements
 # in .venv, and real Fashion-MNIST from Debian's package when apt is available (as root).
+#   bash experiments/setup.sh        what training needs (requirements.txt)
+#   bash experiments/setup.sh test   also what the tests need (requirements-test.txt)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,6 +11,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
+if [ "${1:-}" = "test" ]; then
+  .venv/bin/python -m pip install --quiet -r requirements-test.txt
+fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "Installing real Fashion-MNIST (Debian package dataset-fashion-mnist)..."

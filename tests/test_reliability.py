@@ -121,6 +121,7 @@ def real_fashion_mnist_files():
 
 # --- process tests -------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_parameters(
         tmp_path, reference):
     seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
@@ -153,6 +154,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
     assert_same_tree(state_a, state_b)  # bit-identical: same data order, same dropout keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_saves_the_current_step_exits_0_and_the_next_start_resumes_there(
         tmp_path, reference, sig):
