@@ -9,21 +9,14 @@ Prints milliseconds (median of 7 after 2 warm-up calls). Needs requirements-benc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 
 
 def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    from experiments.speed_suite import _timed
+
+    return _timed(fn, repeats, warmup=1)[1] * 1000
 
 
 def torch_times(batch: int, size: int, channels: int, threads: int) -> dict[str, float]:

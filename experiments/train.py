@@ -21,6 +21,10 @@ from resnet_jax.training.checkpoint import CheckpointError
 from resnet_jax.training.guard import WorkdirBusyError
 from resnet_jax.training.loop import train_and_evaluate
 
+# bad input (config, data, a checkpoint of another run), busy workdir, divergence, no intact
+# checkpoint left
+EXIT_STATUS = {ValueError: 2, WorkdirBusyError: 3, FloatingPointError: 4, CheckpointError: 5}
+
 config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: config, metrics, checkpoints, plots")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -33,18 +37,9 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         record = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except ValueError as err:
+    except tuple(EXIT_STATUS) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except WorkdirBusyError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
-    except FloatingPointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(4)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(5)
+        sys.exit(next(code for kind, code in EXIT_STATUS.items() if isinstance(err, kind)))
     if record.get("stopped"):
         print(f"stopped at step {record['step']} ({record['stopped']}); checkpoint saved")
     elif record:

@@ -8,11 +8,15 @@ also the `model_weights` group of a whole-model `.h5`) or a Keras 3 `.weights.h5
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
 import numpy as np
+
+from resnet_jax.training.checkpoint import file_digest
+
+TORCHVISION_PREPROCESS = {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
+                          "std": (0.229, 0.224, 0.225)}
 
 # Published weight files: SHA-256 of the file, the zoo model, preprocessing, parameter count
 # and the published ImageNet top-1 (single 224 crop). Sources: torchvision's model docs
@@ -22,32 +26,27 @@ KNOWN_FILES: dict[str, dict[str, Any]] = {
     "resnet18-f37072fd.pth": {
         "source": "torchvision", "model": "resnet18", "weights": "ResNet18_Weights.IMAGENET1K_V1",
         "sha256_prefix": "f37072fd", "params": 11_689_512, "top1": 69.758,
-        "preprocess": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                       "std": (0.229, 0.224, 0.225)},
+        "preprocess": TORCHVISION_PREPROCESS,
     },
     "resnet34-b627a593.pth": {
         "source": "torchvision", "model": "resnet34", "weights": "ResNet34_Weights.IMAGENET1K_V1",
         "sha256_prefix": "b627a593", "params": 21_797_672, "top1": 73.314,
-        "preprocess": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                       "std": (0.229, 0.224, 0.225)},
+        "preprocess": TORCHVISION_PREPROCESS,
     },
     "resnet50-0676ba61.pth": {
         "source": "torchvision", "model": "resnet50", "weights": "ResNet50_Weights.IMAGENET1K_V1",
         "sha256_prefix": "0676ba61", "params": 25_557_032, "top1": 76.130,
-        "preprocess": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                       "std": (0.229, 0.224, 0.225)},
+        "preprocess": TORCHVISION_PREPROCESS,
     },
     "resnet50-11ad3fa6.pth": {
         "source": "torchvision", "model": "resnet50", "weights": "ResNet50_Weights.IMAGENET1K_V2",
         "sha256_prefix": "11ad3fa6", "params": 25_557_032, "top1": 80.858,
-        "preprocess": {"resize": 232, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                       "std": (0.229, 0.224, 0.225)},
+        "preprocess": dict(TORCHVISION_PREPROCESS, resize=232),
     },
     "alexnet-owt-7be5be79.pth": {
         "source": "torchvision", "model": "alexnet_owt", "weights": "AlexNet_Weights.IMAGENET1K_V1",
         "sha256_prefix": "7be5be79", "params": 61_100_840, "top1": 56.522,
-        "preprocess": {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                       "std": (0.229, 0.224, 0.225)},
+        "preprocess": TORCHVISION_PREPROCESS,
     },
     "resnet50_weights_tf_dim_ordering_tf_kernels.h5": {
         "source": "keras", "model": "keras_resnet50", "weights": "keras.applications.ResNet50",
@@ -59,19 +58,11 @@ KNOWN_FILES: dict[str, dict[str, Any]] = {
 
 
 def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def md5(path: str) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def identify(path: str) -> tuple[str, dict[str, Any]] | None:

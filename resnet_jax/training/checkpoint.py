@@ -56,8 +56,9 @@ class Restored:
     meta: dict[str, Any]
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -70,7 +71,7 @@ def directory_manifest(directory: str) -> dict[str, list]:
     for root, _, files in os.walk(directory):
         for name in sorted(files):
             path = os.path.join(root, name)
-            out[os.path.relpath(path, directory)] = [os.path.getsize(path), _file_digest(path)]
+            out[os.path.relpath(path, directory)] = [os.path.getsize(path), file_digest(path)]
     return out
 
 
@@ -82,7 +83,7 @@ def check_manifest(directory: str, manifest: dict[str, list]) -> str | None:
             return f"{rel} is missing"
         if os.path.getsize(path) != size:
             return f"{rel} has {os.path.getsize(path)} bytes, {size} were written"
-        if _file_digest(path) != digest:
+        if file_digest(path) != digest:
             return f"{rel} does not have the SHA-256 it was written with"
     return None
 

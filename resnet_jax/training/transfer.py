@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from flax.core import unfreeze
 
+from resnet_jax.convert.common import flat, unflat
+
 log = logging.getLogger("resnet_jax")
 
 HEAD_MODULES = ("fc", "fc_hidden", "fc8")
@@ -92,24 +94,14 @@ def load_pretrained(directory: str) -> dict[str, Any]:
         "python -m experiments.convert_weights) nor a run's checkpoints/")
 
 
-def _flat(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
                      source: str = "init_from") -> tuple[dict[str, Any], list[str]]:
     """The fresh variables with every pretrained tensor put in, and the head tensors that kept
     their fresh initialisation. ValueError naming any other missing, extra or misshapen one."""
     out, reinitialised = {}, []
     for collection in ("params", "batch_stats"):
-        mine = _flat(unfreeze(fresh.get(collection, {})))
-        theirs = _flat(unfreeze(pretrained.get(collection, {})))
+        mine = flat(unfreeze(fresh.get(collection, {})))
+        theirs = flat(unfreeze(pretrained.get(collection, {})))
         extra = sorted(p for p in theirs if p not in mine and not is_head(p))
         if extra:
             raise ValueError(f"{source} has {collection}/{'/'.join(extra[0])}, which the model "
@@ -132,11 +124,5 @@ def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
                 raise ValueError(f"{source}: {name} has shape {new.shape}, the model's is "
                                  f"{tuple(np.shape(value))}")
             merged[path] = new.astype(np.asarray(value).dtype)
-        tree: dict[str, Any] = {}
-        for path, value in merged.items():
-            node = tree
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = value
-        out[collection] = tree
+        out[collection] = unflat(merged)
     return out, reinitialised
