@@ -96,6 +96,8 @@ def test_torchvision_weights_give_torchvisions_logits_and_block_outputs(model_na
     for mine, its in pairs:
         assert rel_err(ours[mine], theirs[its]) < TOL, f"{mine} vs torchvision {its}"
     assert rel_err(ours_logits, theirs_logits) < TOL
+    print(f"{model_name}: logits {rel_err(ours_logits, theirs_logits):.2e}, worst block "
+          f"{max(rel_err(ours[a], theirs[b]) for a, b in pairs):.2e}")
 
 
 def test_conversion_errors_name_the_tensor():
@@ -179,9 +181,12 @@ def test_keras_weights_give_keras_logits_and_block_outputs(keras_resnet50, tmp_p
     x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
     theirs = [np.asarray(o) for o in probe(x, training=False)]
     ours_logits, ours = flax_outputs("keras_resnet50", variables, x, [p[0] for p in pairs])
+    errors = []
     for (mine, its), their in zip(pairs, theirs[1:]):
-        assert rel_err(ours[mine], their) < TOL, f"{mine} vs Keras {its}"
+        errors.append(rel_err(ours[mine], their))
+        assert errors[-1] < TOL, f"{mine} vs Keras {its}"
     assert rel_err(ours_logits, theirs[0]) < TOL
+    print(f"{fmt}: logits {rel_err(ours_logits, theirs[0]):.2e}, worst block {max(errors):.2e}")
 
 
 def test_keras_conversion_errors_name_the_layer(keras_resnet50, tmp_path):
