@@ -47,7 +47,7 @@ def measure(model_name: str, parallel: str, batch: int, steps: int, warmup: int,
     tx, schedule = make_optimizer(c, steps_per_epoch=1000)
     strategy = make_strategy(parallel, lambda a: make_train_step(model, tx, schedule, 0.0, a),
                              lambda a: make_eval_step(model, spec.num_classes, a), batch, batch,
-                             loop.compiler_options(c))
+                             loop.compiler_options(c), loop.compiler_options(c, "eval"))
     state = strategy.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         model, tx, jax.random.key(0), shape))
     rng = np.random.default_rng(0)

@@ -45,7 +45,7 @@ def evaluate_run(workdir: str, split: str = "test", which: str = "best") -> dict
     if state is None:
         raise FileNotFoundError(f"no {which} checkpoint under {workdir}/checkpoints")
     result = evaluate(exp, state, jax.jit(make_eval_step(exp.model, exp.num_classes),
-                                           compiler_options=compiler_options(config)))
+                                           compiler_options=compiler_options(config, "eval")))
     names = exp.info.class_names or tuple(str(i) for i in range(exp.num_classes))
     return {
         "workdir": workdir, "checkpoint": which, "step": int(step), "split": split,

@@ -70,9 +70,9 @@ def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
     rng = np.random.default_rng(0)
     batch_data = {"image": jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32)),
                   "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
-    options = loop.compiler_options(c)
-    train = jax.jit(make_train_step(model, tx, schedule), compiler_options=options)
-    evaluate = jax.jit(make_eval_step(model, spec.num_classes), compiler_options=options)
+    train = jax.jit(make_train_step(model, tx, schedule), compiler_options=loop.compiler_options(c))
+    evaluate = jax.jit(make_eval_step(model, spec.num_classes),
+                       compiler_options=loop.compiler_options(c, "eval"))
     key = jax.random.key(1)
     holder = {"state": state}
 

@@ -162,6 +162,37 @@ def test_the_cpu_path_is_cpu_only(monkeypatch):
     assert cpu_conv.compiler_options("gpu") is None and cpu_conv.compiler_options("tpu") is None
     assert loop.build_model(c, 10).conv_general_dilated is cpu_conv.conv_general_dilated
     assert loop.compiler_options(c) == cpu_conv.COMPILER_OPTIONS
+    assert loop.compiler_options(c, "eval") == cpu_conv.EVAL_COMPILER_OPTIONS
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert loop.build_model(c, 10).conv_general_dilated is None
     assert loop.compiler_options(c) is None
+
+
+def _convs_inside_ynn_fusions(hlo: str) -> int:
+    """Convolutions in the bodies of the computations that YNNPACK fusions call."""
+    import re
+
+    called = set(re.findall(r"calls=(%[\w.-]+), .*__ynn_fusion", hlo))
+    bodies = re.split(r"\n(?=%)", hlo)
+    return sum(body.count(" convolution(") for body in bodies
+               if body.split(" ", 1)[0] in called)
+
+
+def test_eval_steps_keep_convolutions_out_of_ynnpack_fusions():
+    """With reductions in YNNPACK, the eval step's final pooling pulls the convolutions of
+    the last blocks into one YNNPACK fusion (2x slower eval); the eval options prevent it."""
+    from resnet_jax.models import get_model
+    from resnet_jax.training.state import create_train_state
+    from resnet_jax.training.steps import make_eval_step
+    import optax
+
+    model = get_model("mnist_preact_resnet", conv_general_dilated=cpu_conv.conv_general_dilated)
+    state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), (28, 28, 1))
+    batch = {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros(32, jnp.int32)}
+    step = make_eval_step(model, 10)
+
+    def hlo(options):
+        return jax.jit(step, compiler_options=options).lower(state, batch).compile().as_text()
+
+    assert _convs_inside_ynn_fusions(hlo(cpu_conv.COMPILER_OPTIONS)) > 0
+    assert _convs_inside_ynn_fusions(hlo(cpu_conv.compiler_options("cpu", "eval"))) == 0

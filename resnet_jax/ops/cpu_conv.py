@@ -32,14 +32,21 @@ from jax import lax
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # YNNPACK for dots and reductions, not for convolutions: its convolution gradients are slower
-# than Eigen's here (and without it, the BatchNorm reductions become slower reduce-windows).
+# than Eigen's here (and without it, the BatchNorm reductions of a train step become slower
+# reduce-windows). The eval step keeps YNNPACK for dots only: there its reduction fusions
+# swallow the convolutions feeding the final pooling and run them slower (cpu_speed_log.md).
 COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
-    """`jax.jit(..., compiler_options=...)` for the backend: COMPILER_OPTIONS on the CPU."""
-    return dict(COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else None
+def compiler_options(backend: str | None = None, step: str = "train") -> dict[str, Any] | None:
+    """`jax.jit(..., compiler_options=...)` for a train or eval step on the backend: the
+    options above on the CPU, None elsewhere."""
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    return dict(COMPILER_OPTIONS if step == "train" else EVAL_COMPILER_OPTIONS)
 
 
 def _is_nhwc(dimension_numbers) -> bool:

@@ -49,12 +49,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     return get_model(config.model, num_classes=num_classes, **overrides)
 
 
-def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
-    """XLA options for the jitted steps: the CPU conv path's (`ops.cpu_conv`) when it is on."""
+def compiler_options(config: ml_collections.ConfigDict, step: str = "train") -> dict | None:
+    """XLA options for a jitted train or eval step: the CPU conv path's (`ops.cpu_conv`) when
+    it is on."""
     if config.fast_cpu_conv and jax.default_backend() == "cpu":
         from resnet_jax.ops.cpu_conv import compiler_options as cpu_options
 
-        return cpu_options("cpu")
+        return cpu_options("cpu", step)
     return None
 
 
@@ -264,7 +265,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         lambda axis: make_train_step(exp.model, exp.tx, exp.schedule, config.label_smoothing, axis,
                                      config.skip_nonfinite_steps, config.freeze == "backbone"),
         lambda axis: make_eval_step(exp.model, exp.num_classes, axis),
-        config.batch_size, config.eval_batch_size, compiler_options(config))
+        config.batch_size, config.eval_batch_size, compiler_options(config),
+        compiler_options(config, "eval"))
     root = jax.random.key(config.seed)
     init_rng, dropout_rng = jax.random.split(root)
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(

@@ -69,12 +69,16 @@ def _check_divisible(global_batch: int, devices: int, what: str) -> None:
 
 def make_strategy(name: str, make_train: Callable[[str | None], Callable],
                   make_eval: Callable[[str | None], Callable], global_batch: int,
-                  eval_batch: int, compiler_options: dict | None = None) -> Strategy:
+                  eval_batch: int, compiler_options: dict | None = None,
+                  eval_compiler_options: dict | None = None) -> Strategy:
     """Map the per-device steps built by `make_train(axis_name)` / `make_eval(axis_name)`.
 
-    `compiler_options` go to `jax.jit` (single, sharded); `jax.pmap` takes none.
+    `compiler_options` (train step) and `eval_compiler_options` (eval step; default: the
+    train step's) go to `jax.jit` (single, sharded); `jax.pmap` takes none.
     """
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
+    jit_eval = functools.partial(jax.jit, compiler_options=(
+        compiler_options if eval_compiler_options is None else eval_compiler_options))
     if name not in STRATEGIES:
         raise ValueError(f"parallel={name!r}; expected one of {STRATEGIES}")
     if name == "single":
@@ -84,7 +88,7 @@ def make_strategy(name: str, make_train: Callable[[str | None], Callable],
         device = jax.local_devices()[0]
         put = lambda b: jax.device_put(b, device)  # noqa: E731
         return Strategy(name, jit(make_train(None), donate_argnums=0),
-                        jit(make_eval(None)), put, lambda s: s, put, put, lambda m: m, 1)
+                        jit_eval(make_eval(None)), put, lambda s: s, put, put, lambda m: m, 1)
 
     n = jax.device_count()
     _check_divisible(global_batch, n, "batch size")
@@ -129,7 +133,7 @@ def make_strategy(name: str, make_train: Callable[[str | None], Callable],
     def place(state):
         return jax.tree.map(lambda x: _replicate(x, replicated), state)
 
-    return Strategy(name, jit(train, donate_argnums=0), jit(evaluate), place,
+    return Strategy(name, jit(train, donate_argnums=0), jit_eval(evaluate), place,
                     lambda s: s, put, put, lambda m: m, n)
 
 
