@@ -221,3 +221,19 @@ def test_the_zoo_expresses_keras_resnet50():
                        jax.tree.leaves(expected_variables("keras_resnet50", 1000)["batch_stats"]))
     # Keras counts the BatchNorm moving statistics as parameters
     assert ours + bn_stats // 2 == theirs == 25_636_712
+
+
+def test_the_cli_converts_a_keras_file(keras_resnet50, tmp_path):
+    from experiments import convert_weights
+    from resnet_jax.convert import files
+    from resnet_jax.convert import keras as keras_convert
+    from resnet_jax.training.transfer import load_pretrained
+
+    path = keras_files(keras_resnet50, str(tmp_path))["legacy"]
+    out = str(tmp_path / "converted")
+    assert convert_weights.main(["--source", "keras", "--model", "keras_resnet50", "--input", path,
+                                 "--output", out]) == 0
+    expected = keras_convert.convert(files.read_keras_h5(path), "keras_resnet50")
+    loaded = load_pretrained(out)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)

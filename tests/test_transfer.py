@@ -111,6 +111,12 @@ def test_frozen_backbone_fine_tuning_moves_only_the_head(converted, tmp_path):
     for key in backbone:  # bit-identical, BatchNorm statistics included
         np.testing.assert_array_equal(after[key], before[key], err_msg="/".join(key))
     assert after[("params", "fc", "kernel")].shape == (512, 10)  # re-initialised: 1000 -> 10
+    # the head did train: it moved away from the fresh initialisation of the run's seed
+    exp = loop.setup(fine_tune_config(out, "backbone"), load_train=False)
+    init_rng = jax.random.split(jax.random.key(0))[0]
+    fresh = jax.jit(lambda k: exp.model.init({"params": k, "dropout": k},
+                                             np.zeros((1, 28, 28, 3), np.float32)))(init_rng)
+    assert not np.allclose(after[("params", "fc", "kernel")], fresh["params"]["fc"]["kernel"])
 
 
 def test_full_fine_tuning_moves_the_backbone_too(converted, tmp_path):
