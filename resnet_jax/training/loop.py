@@ -110,7 +110,8 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     else:
         size = config.image_size or 224
         image_shape = (size, size, 3)
-    if config.channels and config.channels != image_shape[-1]:
+    to_rgb = bool(config.channels) and config.channels != image_shape[-1]
+    if to_rgb:
         if image_shape[-1] != 1 or config.channels != 3:
             raise ValueError(f"channels={config.channels}: {config.dataset} images have "
                              f"{image_shape[-1]} channel(s); only 1 -> 3 is supported")
@@ -121,7 +122,7 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
                            config.train_subset) if load_train else None
     eval_source = _subset(load_source(config.dataset, config.eval_split, data_dir,
                                       config.data_source), config.eval_subset)
-    if config.channels == 3 and (info.image_shape or (0, 0, 3))[-1] == 1:
+    if to_rgb:
         train_source, eval_source = _to_rgb(train_source), _to_rgb(eval_source)
     if isinstance(eval_source, ArraySource) and eval_source.images.shape[1:] != image_shape:
         raise ValueError(f"{config.dataset} images have shape {eval_source.images.shape[1:]}, "
@@ -169,14 +170,19 @@ def _progress(total: int, initial: int, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
+def _run_identity(exp: Experiment) -> dict[str, Any]:
+    """The fields a checkpoint must share with the run that resumes it."""
+    c = exp.config
+    return {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
+            "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
+            "seed": int(c.seed)}
+
+
 def checkpoint_meta(exp: Experiment, seed_key: jax.Array, step: int) -> dict[str, Any]:
     """What a checkpoint records beside the state: enough to continue exactly and to refuse
     a checkpoint that belongs to another run."""
-    c = exp.config
     return {
-        "model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
-        "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
-        "seed": int(c.seed),
+        **_run_identity(exp),
         # the dropout key of step s is fold_in(dropout_key, s): the RNG state is (key, step)
         "dropout_key": np.asarray(jax.random.key_data(seed_key)).tolist(),
         # the data order is a function of (seed, step): the iterator resumes at `step`
@@ -189,11 +195,7 @@ def check_checkpoint_fits(exp: Experiment, meta: dict[str, Any], saved: Any, tar
                           where: str) -> None:
     """A ValueError naming what differs when a checkpoint was written by another model,
     class count, dataset, batch size or seed, or holds differently shaped arrays."""
-    c = exp.config
-    expected = {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
-                "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
-                "seed": int(c.seed)}
-    for key, value in expected.items():
+    for key, value in _run_identity(exp).items():
         if key in meta and meta[key] != value:
             raise ValueError(
                 f"checkpoint {where} was written with {key}={meta[key]!r}, but this run has "
@@ -304,7 +306,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                                jax.process_index(), jax.process_count()),
         strategy.put_train_batch)
     bar = _progress(exp.total_steps, start_step, config.progress_bar and chief)
-    loop = _Window(exp, strategy, writer, bar, start_step, chief)
+    loop = _Window(exp, strategy, workdir, bar, start_step, chief)
     record: dict[str, Any] = history[-1] if history else {}
     step = start_step
     stopped = ""
@@ -386,9 +388,10 @@ class _Window:
     """The step metrics not yet looked at: fetched, checked for non-finite values, summed
     into the epoch's numbers, shown on the progress bar and appended to train_metrics.jsonl."""
 
-    def __init__(self, exp: Experiment, strategy: Strategy, writer, bar, step: int, chief: bool):
+    def __init__(self, exp: Experiment, strategy: Strategy, workdir: str, bar, step: int,
+                 chief: bool):
         self.exp, self.strategy, self.bar, self.chief = exp, strategy, bar, chief
-        self.path = os.path.join(writer.path[: -len("metrics.jsonl")], "train_metrics.jsonl")
+        self.path = os.path.join(workdir, "train_metrics.jsonl")
         self.window: list[dict[str, jax.Array]] = []
         self.window_start, self.window_step = time.perf_counter(), step
         self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "n": 0}
