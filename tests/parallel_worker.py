@@ -3,7 +3,10 @@
 Used by test_parallel.py in a fresh process, so that the number of CPU devices can be set
 (XLA_FLAGS) before JAX starts:
 
-    python tests/parallel_worker.py OUT.npz STRATEGY [STRATEGY ...] [--sync-bn] [--steps 3]
+    python tests/parallel_worker.py OUT.npz STRATEGY [STRATEGY ...] [--sync-bn] [--ops-bn]
+        [--steps 3]
+
+--ops-bn swaps nn.BatchNorm for resnet_jax.ops.batch_norm.BatchNorm (the CPU fast path's).
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ def config(strategy: str, sync_bn: bool):
     return c
 
 
-def run(strategy: str, sync_bn: bool, steps: int) -> dict[str, np.ndarray]:
+def run(strategy: str, sync_bn: bool, steps: int, ops_bn: bool = False) -> dict[str, np.ndarray]:
     c = config(strategy, sync_bn)
     model = loop.build_model(c, 10)
+    if ops_bn:
+        from resnet_jax.ops.batch_norm import BatchNorm
+
+        model = model.clone(batch_norm=BatchNorm)
     from resnet_jax.training.optim import make_optimizer
 
     tx, schedule = make_optimizer(c, steps_per_epoch=100)
@@ -64,11 +71,12 @@ def main():
     parser.add_argument("out")
     parser.add_argument("strategies", nargs="+")
     parser.add_argument("--sync-bn", action="store_true")
+    parser.add_argument("--ops-bn", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     arrays = {}
     for strategy in args.strategies:
-        arrays.update(run(strategy, args.sync_bn, args.steps))
+        arrays.update(run(strategy, args.sync_bn, args.steps, args.ops_bn))
     arrays["device_count"] = np.asarray(jax.device_count())
     np.savez(args.out, **arrays)
 

@@ -16,11 +16,13 @@ from conftest import ROOT
 WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
 
 
-def run_worker(tmp_path, devices: int, strategies: list[str], sync_bn: bool) -> dict:
-    out = tmp_path / f"{devices}_{'_'.join(strategies)}_{sync_bn}.npz"
+def run_worker(tmp_path, devices: int, strategies: list[str], sync_bn: bool,
+               ops_bn: bool = False) -> dict:
+    out = tmp_path / f"{devices}_{'_'.join(strategies)}_{sync_bn}_{ops_bn}.npz"
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, WORKER, str(out), *strategies] + (["--sync-bn"] if sync_bn else [])
+    cmd += ["--ops-bn"] if ops_bn else []
     subprocess.run(cmd, env=env, check=True, cwd=ROOT, timeout=600)
     data = dict(np.load(out))
     assert int(data.pop("device_count")) == devices
@@ -51,6 +53,15 @@ def test_n_devices_with_sync_bn_match_one_device_after_3_steps(sync_bn_runs, dev
     single = by_strategy(sync_bn_runs[4], "single")
     assert any("batch_stats" in k for k in single) and any("params" in k for k in single)
     assert_close(by_strategy(sync_bn_runs[devices], strategy), single)
+
+
+def test_sync_bn_with_the_cpu_batch_norm_matches_one_device_flax_bn(tmp_path, sync_bn_runs):
+    """ops.batch_norm's backward pass with statistics synchronised over 4 devices (pmap and
+    jit-sharded) trains the same 3 steps as nn.BatchNorm on one device."""
+    ours = run_worker(tmp_path, 4, ["pmap", "sharded"], True, ops_bn=True)
+    single = by_strategy(sync_bn_runs[4], "single")
+    for strategy in ("pmap", "sharded"):
+        assert_close(by_strategy(ours, strategy), single, rtol=2e-5)
 
 
 def test_per_device_bn_pmap_and_sharded_agree_and_differ_from_sync(tmp_path, sync_bn_runs):

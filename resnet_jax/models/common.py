@@ -32,11 +32,17 @@ def make_conv(
 
 
 def make_norm(
-    train: bool, dtype: Dtype, momentum: float, epsilon: float, axis_name: str | None
+    train: bool,
+    dtype: Dtype,
+    momentum: float,
+    epsilon: float,
+    axis_name: str | None,
+    batch_norm: ModuleDef | None = None,
 ) -> ModuleDef:
-    """nn.BatchNorm in batch-statistics mode when training, running averages otherwise."""
+    """nn.BatchNorm (or the drop-in `batch_norm` class) in batch-statistics mode when
+    training, running averages otherwise."""
     return functools.partial(
-        nn.BatchNorm,
+        batch_norm or nn.BatchNorm,
         use_running_average=not train,
         momentum=momentum,
         epsilon=epsilon,

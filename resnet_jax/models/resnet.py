@@ -121,6 +121,8 @@ class ResNet(nn.Module):
       axis_name: mapped axis over which BatchNorm statistics are synchronised, or None.
       conv_bias: convolutions with biases (Keras' ResNet50 has them; torchvision's do not).
       conv_general_dilated: an alternative convolution primitive for every conv (None: lax's).
+      batch_norm: a drop-in class for every nn.BatchNorm (None: nn.BatchNorm), e.g.
+        `ops.batch_norm.BatchNorm`.
       head_hidden: >0 puts a dense layer of that width + ReLU (`fc_hidden`) between the
         global pooling and `fc`, as in the transfer-learning seed (dense 1024, dense 10).
     """
@@ -142,6 +144,7 @@ class ResNet(nn.Module):
     axis_name: str | None = None
     conv_bias: bool = False
     conv_general_dilated: Callable | None = None
+    batch_norm: Callable | None = None
     head_hidden: int = 0
 
     @nn.compact
@@ -155,7 +158,8 @@ class ResNet(nn.Module):
                 f"{tuple(self.stage_widths)} must have the same length"
             )
         conv = make_conv(self.dtype, self.conv_bias, self.conv_general_dilated)
-        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name)
+        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                         self.batch_norm)
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
         # only bottleneck blocks have a choice of where the stride goes
         extra = {} if self.block == "basic" else {"stride_on": self.stride_on}
@@ -262,6 +266,7 @@ class PreActResNet(nn.Module):
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
     conv_general_dilated: Callable | None = None
+    batch_norm: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -269,7 +274,8 @@ class PreActResNet(nn.Module):
         check_choice("shortcut", self.shortcut, SHORTCUTS)
         check_choice("downsample", self.downsample, DOWNSAMPLE)
         conv = make_conv(self.dtype, False, self.conv_general_dilated)
-        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name)
+        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                         self.batch_norm)
         block_cls = PreActBlock if self.block == "basic" else PreActBottleneckBlock
 
         x = jnp.asarray(x, self.dtype)

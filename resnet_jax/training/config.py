@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_overrides = ml_collections.ConfigDict()  # extra model fields, e.g. shortcut
     c.init_from = ""  # a converted-weights dir or a run's workdir to start from
     c.freeze = ""  # "backbone": train only the head (fc, fc_hidden; AlexNet's fc8)
-    c.fast_cpu_conv = True  # CPU backend: ops.cpu_conv's convolution and XLA options
+    c.fast_cpu_conv = True  # CPU backend: ops.cpu_conv's convolution, ops.batch_norm, XLA options
     # data
     c.dataset = "fashion_mnist"
     c.data_source = "auto"  # auto | tfds | idx

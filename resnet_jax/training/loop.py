@@ -42,10 +42,14 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         if "axis_name" not in fields:
             raise ValueError(f"sync_batch_norm=True but model {config.model!r} has no BatchNorm")
         overrides["axis_name"] = "data"
-    if config.fast_cpu_conv and jax.default_backend() == "cpu" and "conv_general_dilated" in fields:
+    if config.fast_cpu_conv and jax.default_backend() == "cpu":
+        from resnet_jax.ops.batch_norm import BatchNorm
         from resnet_jax.ops.cpu_conv import conv_general_dilated
 
-        overrides.setdefault("conv_general_dilated", conv_general_dilated)
+        if "conv_general_dilated" in fields:
+            overrides.setdefault("conv_general_dilated", conv_general_dilated)
+        if "batch_norm" in fields:
+            overrides.setdefault("batch_norm", BatchNorm)
     return get_model(config.model, num_classes=num_classes, **overrides)
 
 
