@@ -96,13 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="with --against: a subset of the suite")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --against: pairs of runs per model, in alternating order")
+    parser.add_argument("--results-dir", default=None,
+                        help="with --against: where cpu_vs_torch.json/.md go (default results/)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.against:
         from experiments import speed_suite
 
         return speed_suite.main(args.models.split(",") if args.models else None, args.repeats,
-                                args.warmup, args.threads)
+                                args.warmup, args.threads, args.rounds,
+                                args.results_dir or speed_suite.RESULTS)
     counts = [int(d) for d in args.devices.split(",")]
     if any(n < 1 for n in counts):
         parser.error(f"--devices {args.devices!r}: counts must be >= 1")

@@ -1,10 +1,11 @@
 """resnet_jax against PyTorch on the CPU: train- and eval-step throughput, time to the first
 step and peak memory for a fixed suite of models, measured in one run, side by side.
 
-    python -m experiments.benchmark --against torch [--models a,b] [--repeats 5]
+    python -m experiments.benchmark --against torch [--models a,b] [--repeats 5] [--rounds 3]
 
 Each (model, framework) pair runs in a fresh process so that peak memory (max RSS) is its
-own. Both frameworks use the same number of threads (all cores unless --threads). Results:
+own, `--rounds` times with the two frameworks in alternating order: this VM's speed drifts by
+up to 30% over minutes, and one pair of runs moved a model's ratio by as much. Both frameworks use the same number of threads (all cores unless --threads). Results:
 experiments/results/cpu_vs_torch.json and .md (the table also belongs in RESULTS.md).
 """
 
@@ -131,46 +132,73 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
     return out
 
 
-def run_suite(models, repeats, warmup, threads) -> list[dict]:
+def _run_worker(framework, model_name, repeats, warmup, threads) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "experiments.speed_suite", framework, model_name,
+           str(repeats), str(warmup), str(threads)]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not line:
+        raise RuntimeError(f"{framework} {model_name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[-1][7:])
+
+
+def _median_record(records: list[dict]) -> dict:
+    """One framework's rounds: the median of each timing, the rest from the first round."""
+    out = dict(records[0])
+    for key in ("first_step_s", "train_step_s", "eval_step_s", "train_images_per_s",
+                "eval_images_per_s", "peak_rss_mib"):
+        out[key] = statistics.median(r[key] for r in records)
+    return out
+
+
+def run_suite(models, repeats, warmup, threads, rounds: int = 3) -> list[dict]:
+    """Each model: `rounds` pairs of fresh processes, the two frameworks in alternating order
+    (JAX first in odd rounds, PyTorch first in even ones) so that a drift in the machine's
+    speed does not favour either. The ratio is the median of the per-round ratios."""
     rows = []
     for model_name in models:
-        pair = {}
-        for framework in ("jax", "torch"):
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu",
-                       PYTHONPATH=ROOT)
-            cmd = [sys.executable, "-m", "experiments.speed_suite", framework, model_name,
-                   str(repeats), str(warmup), str(threads)]
-            out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if out.returncode or not line:
-                raise RuntimeError(f"{framework} {model_name} failed:\n{out.stderr[-3000:]}")
-            pair[framework] = json.loads(line[-1][7:])
-            print(f"{model_name:24s} {framework:5s} train {pair[framework]['train_images_per_s']:8.1f} "
-                  f"img/s  eval {pair[framework]['eval_images_per_s']:8.1f} img/s", flush=True)
-        if pair["jax"]["params"] != pair["torch"]["params"]:
+        runs = {"jax": [], "torch": []}
+        for r in range(rounds):
+            for framework in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+                result = _run_worker(framework, model_name, repeats, warmup, threads)
+                runs[framework].append(result)
+                print(f"{model_name:24s} round {r + 1} {framework:5s} train "
+                      f"{result['train_images_per_s']:8.1f} img/s  eval "
+                      f"{result['eval_images_per_s']:8.1f} img/s", flush=True)
+        if runs["jax"][0]["params"] != runs["torch"][0]["params"]:
             raise RuntimeError(f"{model_name}: parameter counts differ "
-                               f"({pair['jax']['params']} vs {pair['torch']['params']})")
-        rows.append({"model": model_name, "jax": pair["jax"], "torch": pair["torch"],
-                     "train_ratio": pair["jax"]["train_images_per_s"] / pair["torch"]["train_images_per_s"],
-                     "eval_ratio": pair["jax"]["eval_images_per_s"] / pair["torch"]["eval_images_per_s"]})
+                               f"({runs['jax'][0]['params']} vs {runs['torch'][0]['params']})")
+        ratios = {kind: [j[f"{kind}_images_per_s"] / t[f"{kind}_images_per_s"]
+                         for j, t in zip(runs["jax"], runs["torch"])] for kind in ("train", "eval")}
+        rows.append({"model": model_name, "jax": _median_record(runs["jax"]),
+                     "torch": _median_record(runs["torch"]),
+                     "train_ratio": statistics.median(ratios["train"]),
+                     "eval_ratio": statistics.median(ratios["eval"]),
+                     "train_ratio_rounds": ratios["train"], "eval_ratio_rounds": ratios["eval"],
+                     "rounds": runs})
     return rows
 
 
 def markdown(rows, meta) -> str:
     lines = [f"resnet_jax vs PyTorch {meta['torch']} on the CPU ({meta['cpu']}, {meta['threads']} "
              f"threads, float32; JAX {meta['jax']}), {meta['date']}. Median of {meta['repeats']} "
-             "timed steps after warm-up; ratio = resnet_jax / PyTorch.", "",
+             f"timed steps after warm-up, in each of {meta['rounds']} rounds of fresh processes "
+             "(frameworks in alternating order); figures are medians over the rounds, ratio = "
+             "resnet_jax / PyTorch (median of the per-round ratios; the rounds' train ratios in "
+             "the last column).", "",
              "| model | batch | params | train img/s JAX | train img/s torch | train ratio | "
              "eval img/s JAX | eval img/s torch | eval ratio | first step JAX (s) | "
-             "first step torch (s) | peak RSS JAX (MiB) | peak RSS torch (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "first step torch (s) | peak RSS JAX (MiB) | peak RSS torch (MiB) | train ratio per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         j, t = r["jax"], r["torch"]
         lines.append(f"| {r['model']} | {j['batch']} | {j['params']:,} | {j['train_images_per_s']:.1f} | "
                      f"{t['train_images_per_s']:.1f} | {r['train_ratio']:.2f} | "
                      f"{j['eval_images_per_s']:.1f} | {t['eval_images_per_s']:.1f} | "
                      f"{r['eval_ratio']:.2f} | {j['first_step_s']:.1f} | {t['first_step_s']:.2f} | "
-                     f"{j['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} |")
+                     f"{j['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
+                     + ", ".join(f"{x:.2f}" for x in r.get("train_ratio_rounds", [])) + " |")
     ratios = [r["train_ratio"] for r in rows]
     geo = float(__import__("numpy").exp(__import__("numpy").mean(__import__("numpy").log(ratios))))
     lines += ["", f"Train-step ratio: geometric mean {geo:.2f}, minimum {min(ratios):.2f} "
@@ -178,26 +206,32 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(models=None, repeats=5, warmup=2, threads=None) -> int:
+def main(models=None, repeats=5, warmup=2, threads=None, rounds=3, out_dir=RESULTS) -> int:
     import jax
     import torch
 
     threads = threads or os.cpu_count()
     names = models or [m for m, _, _ in SUITE]
-    rows = run_suite(names, repeats, warmup, threads)
+    unknown = [m for m in names if m not in {n for n, _, _ in SUITE}]
+    if unknown:
+        raise ValueError(f"models {unknown} are not in the suite; expected some of "
+                         f"{[n for n, _, _ in SUITE]}")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: expected at least 1")
+    rows = run_suite(names, repeats, warmup, threads, rounds)
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
             "threads": threads, "jax": jax.__version__, "torch": torch.__version__,
-            "repeats": repeats}
+            "repeats": repeats, "rounds": rounds}
     try:
         meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                            if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "cpu_vs_torch.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "cpu_vs_torch.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     table = markdown(rows, meta)
-    with open(os.path.join(RESULTS, "cpu_vs_torch.md"), "w") as f:
+    with open(os.path.join(out_dir, "cpu_vs_torch.md"), "w") as f:
         f.write(table)
     print(table)
     return 0

@@ -355,3 +355,25 @@ def test_variable_size_images_get_inception_crops_and_center_crops_on_mock_image
     np.testing.assert_array_equal(second["image"], again["image"])  # resumable crops
     assert sum(float(b["mask"].sum()) for b in evals) == len(test) == 20
     assert all(b["image"].shape == (8, 64, 64, 3) for b in evals)
+
+
+def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
+    """`benchmark --against torch` on the suite's smallest model, one round: JSON and table
+    written, equal parameter counts, ratio = JAX / PyTorch throughput."""
+    import json
+
+    from experiments import benchmark
+
+    assert benchmark.main(["--against", "torch", "--models", "mnist_preact_resnet",
+                           "--repeats", "1", "--rounds", "1",
+                           "--results-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cpu_vs_torch.json").read_text())
+    (row,) = data["rows"]
+    assert row["jax"]["params"] == row["torch"]["params"] == 182_626
+    ratio = row["jax"]["train_images_per_s"] / row["torch"]["train_images_per_s"]
+    assert row["train_ratio"] == pytest.approx(ratio) and row["train_ratio_rounds"] == [row["train_ratio"]]
+    table = (tmp_path / "cpu_vs_torch.md").read_text()
+    assert "| mnist_preact_resnet | 32 | 182,626 |" in table and "geometric mean" in table
+    with pytest.raises(ValueError, match="not in the suite"):
+        benchmark.main(["--against", "torch", "--models", "resnet9000", "--results-dir",
+                        str(tmp_path)])

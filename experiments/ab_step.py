@@ -1,0 +1,92 @@
+"""A/B of one suite model's train step with nn.BatchNorm and with ops.batch_norm.BatchNorm
+(the CPU fast path's), both compiled in one process and timed interleaved, so that the
+machine's noise hits both alike. Also checks that one step from the same state gives the
+same loss and parameters.
+
+    python -m experiments.ab_step --model cifar_resnet20 [--repeats 10]
+
+Prints the median step time and images/s of each, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.speed_suite import SUITE
+    from resnet_jax.models import get_spec
+    from resnet_jax.ops.batch_norm import BatchNorm
+    from resnet_jax.training import loop
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.optim import make_optimizer
+    from resnet_jax.training.state import create_train_state
+    from resnet_jax.training.steps import make_train_step
+
+    suite = {m: (s, b) for m, s, b in SUITE}
+    if args.model not in suite:
+        parser.error(f"--model {args.model!r}: expected one of {sorted(suite)}")
+    shape, batch = suite[args.model]
+    spec = get_spec(args.model)
+    c = base_config()
+    c.model, c.schedule, c.momentum = args.model, "constant", 0.9
+    rng = np.random.default_rng(0)
+    data = {"image": jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32)),
+            "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
+    key = jax.random.key(1)
+    steps, states = {}, {}
+    for name, norm in (("nn.BatchNorm", nn_batch_norm()), ("ops.batch_norm", BatchNorm)):
+        model = loop.build_model(c, spec.num_classes).clone(batch_norm=norm)
+        tx, schedule = make_optimizer(c, 1000)
+        state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
+            model, tx, jax.random.key(0), shape)
+        steps[name] = jax.jit(make_train_step(model, tx, schedule),
+                              compiler_options=loop.compiler_options(c)).lower(
+            state, data, key).compile()
+        states[name] = state
+
+    after = {name: steps[name](states[name], data, key) for name in steps}
+    (sa, ma), (sb, mb) = after.values()
+    diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+               for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
+    print(f"{args.model}, batch {batch}: one step from the same state: loss "
+          f"{float(ma['loss']):.6f} vs {float(mb['loss']):.6f}, params max rel diff {diff:.1e}")
+
+    times = {name: [] for name in steps}
+    for name in steps:  # warm-up
+        for _ in range(2):
+            states[name], m = steps[name](states[name], data, key)
+            jax.block_until_ready(m)
+    for _ in range(args.repeats):
+        for name in steps:
+            start = time.perf_counter()
+            states[name], m = steps[name](states[name], data, key)
+            jax.block_until_ready(m)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in medians.items():
+        print(f"  {name:16s} {t * 1000:8.1f} ms  {batch / t:8.1f} images/s")
+    a, b = medians.values()
+    print(f"  speed-up {a / b:.3f}x")
+    return 0
+
+
+def nn_batch_norm():
+    from flax import linen as nn
+
+    return nn.BatchNorm
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
