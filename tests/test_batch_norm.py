@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from resnet_jax.models import get_model
 from resnet_jax.ops.batch_norm import BatchNorm, batch_norm_train
-from tests.conftest import init_variables
+from conftest import init_variables
 
 
 def _inputs(shape, dtype=jnp.float32, offset=0.0, seed=0):
@@ -32,7 +32,7 @@ def _loss_fn(module_cls, x, g, **kwargs):
                                   x, mutable=["batch_stats"])
         return jnp.sum(y.astype(jnp.float32) * g), (y, updates)
 
-    (value, (y, updates)), grads = jax.jit(
+    (_, (y, updates)), grads = jax.jit(
         jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return y, updates, grads
 
