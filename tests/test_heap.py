@@ -35,9 +35,12 @@ print(heap.retain_freed_memory(), temp_pages, faults)
 """
 
 
-def _faults(setting: str) -> tuple[bool, float, float]:
-    env = dict(os.environ, RESNET_JAX_HEAP=setting, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+def _faults(setting: str | None) -> tuple[bool, float, float]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
+    env.pop("RESNET_JAX_HEAP", None)
+    if setting is not None:
+        env["RESNET_JAX_HEAP"] = setting
     result = subprocess.run([sys.executable, "-c", STEP_FAULTS], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -51,7 +54,7 @@ def test_train_step_buffers_are_not_faulted_in_every_step():
     assert not applied
     # glibc maps a buffer this large afresh on every call: about one fault per page
     assert pages > 8192 and default_faults > 0.5 * pages
-    applied, _, retained_faults = _faults("retain")
+    applied, _, retained_faults = _faults(None)  # the default on a CPU host
     assert applied
     assert retained_faults < 0.5 * default_faults, (retained_faults, default_faults)
 
@@ -63,3 +66,13 @@ def test_a_bad_setting_is_named(monkeypatch):
     monkeypatch.setitem(heap._state, "applied", None)
     with pytest.raises(ValueError, match="RESNET_JAX_HEAP='sometimes'.*'retain' or 'default'"):
         heap.retain_freed_memory()
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cuda", False),
+                                                 ("tpu,cpu", False), ("", True)])
+def test_applied_only_where_jax_computes_on_the_cpu(monkeypatch, platforms, expected):
+    from resnet_jax.ops import heap
+
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    # this environment has no accelerator plugin, so an unset JAX_PLATFORMS means the CPU
+    assert heap._jax_computes_on_cpu() is expected

@@ -11,14 +11,18 @@ reuses it (0-50 faults per step).
 
 `retain_freed_memory()` sets that through `mallopt`. It only takes effect for threads that
 have not allocated yet, so it has to run before JAX creates its CPU client (the first
-`jax.devices()` or computation); `import resnet_jax` calls it. Set
-`RESNET_JAX_HEAP=default` in the environment to leave glibc's defaults alone. On other C
-libraries it does nothing.
+`jax.devices()` or computation); `import resnet_jax` calls it. It is meant for hosts where
+JAX computes on the CPU: with one arena, every thread's malloc shares one lock (glibc's
+per-thread caches take most small allocations without it), so it stays off where a GPU/TPU
+plugin for JAX is installed or `JAX_PLATFORMS` names no CPU. `RESNET_JAX_HEAP=retain` forces
+it on, `RESNET_JAX_HEAP=default` leaves glibc's defaults alone. On other C libraries it does
+nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 
@@ -35,16 +39,30 @@ _INT_MAX = 2**31 - 1
 _state = {"applied": None}
 
 
+def _jax_computes_on_cpu() -> bool:
+    """Whether JAX will (most likely) compute on this host's CPU: JAX_PLATFORMS puts the CPU
+    first, or it is unset and no accelerator plugin is installed. Imports nothing."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    plugins = importlib.util.find_spec("jax_plugins")
+    locations = list(plugins.submodule_search_locations or []) if plugins else []
+    if any(os.path.isdir(loc) and os.listdir(loc) for loc in locations):
+        return False
+    return importlib.util.find_spec("libtpu") is None
+
+
 def retain_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (see the module docstring). Returns whether
     the settings were applied; idempotent."""
     if _state["applied"] is not None:
         return _state["applied"]
-    value = os.environ.get(ENV, "retain")
-    if value not in ("retain", "default"):
+    value = os.environ.get(ENV)
+    if value not in (None, "retain", "default"):
         raise ValueError(f"{ENV}={value!r}: expected 'retain' or 'default'")
+    wanted = value == "retain" or (value is None and _jax_computes_on_cpu())
     applied = False
-    if value == "retain" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if wanted and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         try:
             mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):
