@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import linen as nn
 
     from experiments.speed_suite import SUITE
     from resnet_jax.models import get_spec
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
     key = jax.random.key(1)
     steps, states = {}, {}
-    for name, norm in (("nn.BatchNorm", nn_batch_norm()), ("ops.batch_norm", BatchNorm)):
+    for name, norm in (("nn.BatchNorm", nn.BatchNorm), ("ops.batch_norm", BatchNorm)):
         model = loop.build_model(c, spec.num_classes).clone(batch_norm=norm)
         tx, schedule = make_optimizer(c, 1000)
         state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
@@ -80,12 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     a, b = medians.values()
     print(f"  speed-up {a / b:.3f}x")
     return 0
-
-
-def nn_batch_norm():
-    from flax import linen as nn
-
-    return nn.BatchNorm
 
 
 if __name__ == "__main__":
