@@ -1,9 +1,10 @@
-"""A/B of one suite model's train step with nn.BatchNorm and with ops.batch_norm.BatchNorm
-(the CPU fast path's), both compiled in one process and timed interleaved, so that the
-machine's noise hits both alike. Also checks that one step from the same state gives the
-same loss and parameters.
+"""A/B of one suite model's train step with Flax's layer and with the CPU fast path's
+replacement for it (`--op batch_norm`: nn.BatchNorm vs ops.batch_norm.BatchNorm; `--op
+max_pool`: nn.max_pool vs ops.max_pool.max_pool), the rest of the CPU path on in both, both
+compiled in one process and timed interleaved, so that the machine's noise hits both alike.
+Also checks that one step from the same state gives the same loss and parameters.
 
-    python -m experiments.ab_step --model cifar_resnet20 [--repeats 10]
+    python -m experiments.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
 
 Prints the median step time and images/s of each, and their ratio.
 """
@@ -11,6 +12,7 @@ Prints the median step time and images/s of each, and their ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -18,6 +20,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cifar_resnet20")
+    parser.add_argument("--op", default="batch_norm", choices=("batch_norm", "max_pool"))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.speed_suite import SUITE
     from resnet_jax.models import get_spec
     from resnet_jax.ops.batch_norm import BatchNorm
+    from resnet_jax.ops.max_pool import max_pool
     from resnet_jax.training import loop
     from resnet_jax.training.config import base_config
     from resnet_jax.training.optim import make_optimizer
@@ -46,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     data = {"image": jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32)),
             "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
     key = jax.random.key(1)
+    variants = {"batch_norm": (("nn.BatchNorm", nn.BatchNorm), ("ops.batch_norm", BatchNorm)),
+                "max_pool": (("nn.max_pool", nn.max_pool), ("ops.max_pool", max_pool))}
     steps, states = {}, {}
-    for name, norm in (("nn.BatchNorm", nn.BatchNorm), ("ops.batch_norm", BatchNorm)):
-        model = loop.build_model(c, spec.num_classes).clone(batch_norm=norm)
+    for name, layer in variants[args.op]:
+        model = loop.build_model(c, spec.num_classes)
+        if args.op not in {f.name for f in dataclasses.fields(model)}:
+            parser.error(f"--op {args.op}: model {args.model!r} has no {args.op!r} field")
+        model = model.clone(**{args.op: layer})
         tx, schedule = make_optimizer(c, 1000)
         state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
             model, tx, jax.random.key(0), shape)
@@ -59,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
     after = {name: steps[name](states[name], data, key) for name in steps}
     (sa, ma), (sb, mb) = after.values()
-    diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-               for a, b in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params)))
+    diff, leaf = max(
+        (float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30)), jax.tree_util.keystr(k))
+        for (k, a), b in zip(jax.tree_util.tree_leaves_with_path(sa.params),
+                             jax.tree.leaves(sb.params)))
     print(f"{args.model}, batch {batch}: one step from the same state: loss "
-          f"{float(ma['loss']):.6f} vs {float(mb['loss']):.6f}, params max rel diff {diff:.1e}")
+          f"{float(ma['loss']):.6f} vs {float(mb['loss']):.6f}, params max rel diff {diff:.1e} "
+          f"({leaf})")
 
     times = {name: [] for name in steps}
     for name in steps:  # warm-up

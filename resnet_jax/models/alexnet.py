@@ -57,6 +57,8 @@ class AlexNet(nn.Module):
       dropout_rate: dropout on fc6 and fc7 outputs in train mode (rng stream "dropout").
       paper_init: N(0, 0.01) weights, biases 1 in conv2, conv4, conv5, fc6, fc7 and 0
         elsewhere (section 5). Otherwise Kaiming (fan-out) convs and PyTorch dense init.
+      conv_general_dilated: an alternative convolution primitive (None: lax's).
+      max_pool: a drop-in function for nn.max_pool (None: nn.max_pool).
     """
 
     num_classes: int = 1000
@@ -69,6 +71,7 @@ class AlexNet(nn.Module):
     pool_output: int = 6
     dtype: jnp.dtype = jnp.float32
     conv_general_dilated: Callable | None = None
+    max_pool: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -102,7 +105,7 @@ class AlexNet(nn.Module):
             if self.lrn and i < 2:
                 x = local_response_norm(x)
             if POOL_AFTER[i]:
-                x = nn.max_pool(x, (3, 3), strides=(2, 2))
+                x = (self.max_pool or nn.max_pool)(x, (3, 3), strides=(2, 2))
         x = adaptive_avg_pool(x, (self.pool_output, self.pool_output))
         x = x.reshape((x.shape[0], -1))
         for name in ("fc6", "fc7"):

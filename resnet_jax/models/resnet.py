@@ -123,6 +123,8 @@ class ResNet(nn.Module):
       conv_general_dilated: an alternative convolution primitive for every conv (None: lax's).
       batch_norm: a drop-in class for every nn.BatchNorm (None: nn.BatchNorm), e.g.
         `ops.batch_norm.BatchNorm`.
+      max_pool: a drop-in function for nn.max_pool (None: nn.max_pool), e.g.
+        `ops.max_pool.max_pool`.
       head_hidden: >0 puts a dense layer of that width + ReLU (`fc_hidden`) between the
         global pooling and `fc`, as in the transfer-learning seed (dense 1024, dense 10).
     """
@@ -145,6 +147,7 @@ class ResNet(nn.Module):
     conv_bias: bool = False
     conv_general_dilated: Callable | None = None
     batch_norm: Callable | None = None
+    max_pool: Callable | None = None
     head_hidden: int = 0
 
     @nn.compact
@@ -168,8 +171,9 @@ class ResNet(nn.Module):
         k = self.stem_kernel
         x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
+        max_pool = self.max_pool or nn.max_pool
         if self.stem_pool:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
                 x = block_cls(
@@ -267,6 +271,7 @@ class PreActResNet(nn.Module):
     axis_name: str | None = None
     conv_general_dilated: Callable | None = None
     batch_norm: Callable | None = None
+    max_pool: Callable | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -281,11 +286,12 @@ class PreActResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         k = self.stem_kernel
         x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
+        max_pool = self.max_pool or nn.max_pool
         if self.stem_pool:
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             if i > 0 and self.downsample == "pool":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool(x, (2, 2), strides=(2, 2))
             for j in range(size):
                 strides = 2 if (i > 0 and j == 0 and self.downsample == "stride") else 1
                 x = block_cls(

@@ -45,9 +45,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     if config.fast_cpu_conv and jax.default_backend() == "cpu":
         from resnet_jax.ops.batch_norm import BatchNorm
         from resnet_jax.ops.cpu_conv import conv_general_dilated
+        from resnet_jax.ops.max_pool import max_pool
 
         if "conv_general_dilated" in fields:
             overrides.setdefault("conv_general_dilated", conv_general_dilated)
+        if "max_pool" in fields:
+            overrides.setdefault("max_pool", max_pool)
         # Not with statistics synchronised over devices: there, runs split 1x4 and 2x2 over
         # processes disagreed by ~1% in the stem BN's bias after 3 steps (nn.BatchNorm's
         # agree to 1e-5); see cpu_speed_log.md section 11.
