@@ -57,6 +57,7 @@ def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
     from resnet_jax.training import loop
     from resnet_jax.training.config import base_config
     from resnet_jax.training.optim import make_optimizer
+    from resnet_jax.training.parallel import make_strategy
     from resnet_jax.training.state import create_train_state
     from resnet_jax.training.steps import make_eval_step, make_train_step
 
@@ -71,9 +72,11 @@ def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
     rng = np.random.default_rng(0)
     batch_data = {"image": jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32)),
                   "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
-    train = jax.jit(make_train_step(model, tx, schedule), compiler_options=loop.compiler_options(c))
-    evaluate = jax.jit(make_eval_step(model, spec.num_classes),
-                       compiler_options=loop.compiler_options(c, "eval"))
+    # The training engine's single-device strategy: its jit options, state donated.
+    strategy = make_strategy("single", lambda axis: make_train_step(model, tx, schedule),
+                             lambda axis: make_eval_step(model, spec.num_classes), batch, batch,
+                             loop.compiler_options(c), loop.compiler_options(c, "eval"))
+    train, evaluate = strategy.train_step, strategy.eval_step
     key = jax.random.key(1)
     holder = {"state": state}
 
