@@ -155,11 +155,16 @@ def materialize(x: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x, dy) through a conditional, so that XLA cannot fuse their producers into consumers.
 
     The branch taken when dy's first element is a number returns its operands; the other one
-    (a step that has already gone NaN) returns NaNs. Two different branches keep XLA from
-    folding the conditional away.
+    (a step that has already gone NaN) returns NaNs (zeros for an integer x). Two different
+    branches keep XLA from folding the conditional away.
     """
     ok = dy.reshape(-1)[0] == dy.reshape(-1)[0]
-    return lax.cond(ok, lambda a, b: (a, b), lambda a, b: (a * jnp.nan, b * jnp.nan), x, dy)
+    return lax.cond(ok, lambda a, b: (a, b), lambda a, b: (_poison(a), _poison(b)), x, dy)
+
+
+def _poison(a: jax.Array) -> jax.Array:
+    """NaNs for floating point arrays, zeros for integer ones (e.g. ops.max_pool's index)."""
+    return a * (jnp.nan if jnp.issubdtype(a.dtype, jnp.floating) else 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

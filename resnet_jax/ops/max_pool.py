@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from resnet_jax.ops.cpu_conv import materialize
+
 Array = jax.Array
 Pairs = tuple[tuple[int, int], tuple[int, int]]
 
@@ -79,13 +81,6 @@ def _forward(x: Array, window, strides, pads) -> Array:
     return functools.reduce(lax.max, _views(_padded(x, pads), window, strides))
 
 
-def _materialize(index: Array, dy: Array) -> tuple[Array, Array]:
-    """Pass (index, dy) through a conditional so that XLA computes the index once instead of
-    fusing its nine comparisons into every consumer (as `cpu_conv.materialize`)."""
-    ok = dy.reshape(-1)[0] == dy.reshape(-1)[0]
-    return lax.cond(ok, lambda a, b: (a, b), lambda a, b: (a * 0, b * jnp.nan), index, dy)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x: Array, window, strides, pads) -> Array:
     return _forward(x, window, strides, pads)
@@ -104,7 +99,9 @@ def _max_pool_bwd(window, strides, pads, residuals, dy):
     index = jnp.full(y.shape, len(views), jnp.int32)
     for k in reversed(range(len(views))):
         index = jnp.where(views[k] == y, k, index)
-    index, dy = _materialize(index.astype(jnp.int8 if len(views) < 127 else jnp.int32), dy)
+    # Through a conditional, so that XLA computes the index once instead of fusing its
+    # comparisons into every consumer.
+    index, dy = materialize(index.astype(jnp.int8 if len(views) < 127 else jnp.int32), dy)
 
     (kh, kw), (sh, sw) = window, strides
     oh, ow = y.shape[1:3]
