@@ -1,6 +1,7 @@
 """A/B of one suite model's train step with Flax's layer and with the CPU fast path's
 replacement for it (`--op batch_norm`: nn.BatchNorm vs ops.batch_norm.BatchNorm; `--op
-max_pool`: nn.max_pool vs ops.max_pool.max_pool), the rest of the CPU path on in both, both
+max_pool`: nn.max_pool vs ops.max_pool.max_pool; `--op conv`: XLA's convolutions vs oneDNN's,
+ops.cpu_conv.xla_conv_general_dilated vs ops.cpu_conv.conv_general_dilated), the rest of the CPU path on in both, both
 compiled in one process and timed interleaved, so that the machine's noise hits both alike.
 Also checks that one step from the same state gives the same loss and parameters.
 
@@ -20,7 +21,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cifar_resnet20")
-    parser.add_argument("--op", default="batch_norm", choices=("batch_norm", "max_pool"))
+    parser.add_argument("--op", default="batch_norm", choices=("batch_norm", "max_pool", "conv"))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments.speed_suite import SUITE
     from resnet_jax.models import get_spec
+    from resnet_jax.ops import cpu_conv
     from resnet_jax.ops.batch_norm import BatchNorm
     from resnet_jax.ops.max_pool import max_pool
     from resnet_jax.training import loop
@@ -51,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
             "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
     key = jax.random.key(1)
     variants = {"batch_norm": (("nn.BatchNorm", nn.BatchNorm), ("ops.batch_norm", BatchNorm)),
-                "max_pool": (("nn.max_pool", nn.max_pool), ("ops.max_pool", max_pool))}
+                "max_pool": (("nn.max_pool", nn.max_pool), ("ops.max_pool", max_pool)),
+                "conv": (("xla conv", cpu_conv.xla_conv_general_dilated),
+                         ("oneDNN conv", cpu_conv.conv_general_dilated))}
+    field = {"conv": "conv_general_dilated"}.get(args.op, args.op)
     steps, states = {}, {}
     for name, layer in variants[args.op]:
         model = loop.build_model(c, spec.num_classes)
-        if args.op not in {f.name for f in dataclasses.fields(model)}:
-            parser.error(f"--op {args.op}: model {args.model!r} has no {args.op!r} field")
-        model = model.clone(**{args.op: layer})
+        if field not in {f.name for f in dataclasses.fields(model)}:
+            parser.error(f"--op {args.op}: model {args.model!r} has no {field!r} field")
+        model = model.clone(**{field: layer})
         tx, schedule = make_optimizer(c, 1000)
         state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
             model, tx, jax.random.key(0), shape)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up of a fresh machine: a virtual environment with the pinned requirements
-# in .venv, and real Fashion-MNIST from Debian's package when apt is available (as root).
+# in .venv, the CPU path's oneDNN convolutions built, and real Fashion-MNIST from Debian's
+# package when apt is available (as root).
 #   bash experiments/setup.sh        what training needs (requirements.txt)
 #   bash experiments/setup.sh test   also what the tests need (requirements-test.txt)
 set -euo pipefail
@@ -11,6 +12,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
+# oneDNN's convolutions for the CPU path (x86-64 Linux); without them XLA's are used.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  .venv/bin/python -m resnet_jax.ops.dnnl_conv \
+    || echo "oneDNN convolutions not built; the CPU path uses XLA's convolutions."
+fi
 if [ "${1:-}" = "test" ]; then
   .venv/bin/python -m pip install --quiet -r requirements-test.txt
 fi

@@ -1,5 +1,6 @@
-"""The CPU convolution path gives the numbers of lax.conv_general_dilated: outputs and both
-gradients, over strides, kernel sizes, paddings, groups and dtypes."""
+"""The CPU convolution paths (oneDNN's, and XLA's with the materialized weight gradient)
+give the numbers of lax.conv_general_dilated: outputs and both gradients, over strides,
+kernel sizes, paddings, groups and dtypes."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12))
 
 
-def both(kernel, stride, padding, groups, dtype, cin=8, cout=8, size=15, batch=3):
+HOOKS = {"onednn": cpu_conv.conv_general_dilated, "xla": cpu_conv.xla_conv_general_dilated}
+
+
+def both(kernel, stride, padding, groups, dtype, cin=8, cout=8, size=15, batch=3,
+         hook=cpu_conv.conv_general_dilated):
     kx, kw, kc = jax.random.split(jax.random.key(kernel * 100 + stride * 10 + groups), 3)
     x = jax.random.normal(kx, (batch, size, size, cin), jnp.float32).astype(dtype)
     w = jax.random.normal(kw, (kernel, kernel, cin // groups, cout), jnp.float32).astype(dtype)
@@ -36,7 +41,7 @@ def both(kernel, stride, padding, groups, dtype, cin=8, cout=8, size=15, batch=3
         return f
 
     ref = jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
-    new = jax.jit(jax.value_and_grad(loss(cpu_conv.conv_general_dilated), argnums=(0, 1),
+    new = jax.jit(jax.value_and_grad(loss(hook), argnums=(0, 1),
                                      has_aux=True),
                   compiler_options=cpu_conv.compiler_options("cpu"))(x, w)
     return ref, new
@@ -48,13 +53,13 @@ CASES = [(k, s, p) for k in (1, 3, 7, 11) for s in (1, 2) for p in ("SAME", "VAL
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2.0 ** -7)])
 @pytest.mark.parametrize("kernel,stride,padding", CASES)
 @pytest.mark.parametrize("groups", [1, 2])
-def test_outputs_and_gradients_match_lax(kernel, stride, padding, groups, dtype, tol):
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_outputs_and_gradients_match_lax(kernel, stride, padding, groups, dtype, tol, hook):
     pads = ((kernel // 2, kernel - 1 - kernel // 2), (1, 2)) if padding == "explicit" else padding
     ((_, y_ref), (dx_ref, dw_ref)), ((_, y_new), (dx_new, dw_new)) = both(
-        kernel, stride, pads, groups, dtype)
+        kernel, stride, pads, groups, dtype, hook=HOOKS[hook])
     assert y_new.dtype == dtype and dw_new.dtype == dtype
-    # Both sides are lax convolutions; under jit they may be compiled apart and accumulate in
-    # different orders: one bfloat16 ulp, 1e-5 in float32.
+    # The two sides accumulate in different orders: one bfloat16 ulp, 1e-5 in float32.
     assert rel_err(y_ref, y_new) <= tol
     assert rel_err(dx_ref, dx_new) <= tol
     assert rel_err(dw_ref, dw_new) <= tol
@@ -137,13 +142,15 @@ def _conv_lines(compiled_text: str) -> list[str]:
 
 def test_compiler_options_keep_convolutions_out_of_ynnpack():
     """The weight gradient of a 64-channel conv goes to YNNPACK by default on XLA:CPU (17x
-    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is Eigen's."""
+    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is Eigen's
+    (where the oneDNN convolutions are not available)."""
     x = jnp.ones((8, 16, 16, 64))
     w = jnp.ones((3, 3, 64, 64))
 
     def f(x, w):
         return jax.grad(lambda w: jnp.sum(
-            cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2))(w)
+            cpu_conv.xla_conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=DN)
+            ** 2))(w)
 
     default = jax.jit(f).lower(x, w).compile().as_text()
     tuned = jax.jit(f, compiler_options=cpu_conv.compiler_options("cpu")).lower(x, w).compile()
@@ -186,7 +193,8 @@ def test_eval_steps_keep_convolutions_out_of_ynnpack_fusions():
     from resnet_jax.training.steps import make_eval_step
     import optax
 
-    model = get_model("mnist_preact_resnet", conv_general_dilated=cpu_conv.conv_general_dilated)
+    model = get_model("mnist_preact_resnet",
+                      conv_general_dilated=cpu_conv.xla_conv_general_dilated)
     state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), (28, 28, 1))
     batch = {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros(32, jnp.int32)}
     step = make_eval_step(model, 10)

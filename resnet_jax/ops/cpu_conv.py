@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from resnet_jax.ops import dnnl_conv
+
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # YNNPACK for dots and reductions, not for convolutions: its convolution gradients are slower
@@ -76,7 +78,48 @@ def conv_general_dilated(
     precision=None,
     preferred_element_type=None,
 ) -> jax.Array:
+    """`lax.conv_general_dilated` through oneDNN (`ops.dnnl_conv`) where its library is
+    available, else with XLA's convolutions and a weight gradient that reads materialized
+    inputs (`xla_conv_general_dilated`)."""
+    return _conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type, native=True)
+
+
+def xla_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+) -> jax.Array:
     """`lax.conv_general_dilated` whose weight gradient reads materialized inputs."""
+    return _conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type, native=False)
+
+
+def _conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    native: bool,
+) -> jax.Array:
     supported = (
         lhs.ndim == 4
         and _is_nhwc(dimension_numbers)
@@ -95,10 +138,10 @@ def conv_general_dilated(
     if jnp.finfo(out_dtype).bits < 32:
         # Eigen accumulates half-precision convolutions in half precision (1-2% off for an
         # 11x11 kernel); compute in float32 and round once, as XLA's other CPU paths do.
-        return conv_general_dilated(
+        return _conv_general_dilated(
             lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
             lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-            batch_group_count, precision).astype(out_dtype)
+            batch_group_count, precision, native=native).astype(out_dtype)
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     else:
@@ -107,6 +150,9 @@ def conv_general_dilated(
     strides = tuple(int(s) for s in window_strides)
     if feature_group_count == 1 and _smaller_than_kernel(lhs.shape, rhs.shape, strides, pads):
         return im2col_conv(lhs, rhs, strides, pads, precision)
+    groups = int(feature_group_count)
+    if native and dnnl_conv.supports(lhs, rhs, pads, groups):
+        return dnnl_conv.conv(lhs, rhs, strides, pads, groups)
     return _conv(lhs, rhs, strides, pads, int(feature_group_count), precision)
 
 

@@ -1,0 +1,115 @@
+"""The oneDNN convolutions (ops.dnnl_conv): built and registered on this machine, the same
+numbers as lax.conv_general_dilated, and the ones the CPU path's models compile to."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from resnet_jax.ops import cpu_conv, dnnl_conv
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-12))
+
+
+def test_the_library_is_available_on_this_machine():
+    assert dnnl_conv.available(), "oneDNN convolutions missing: run bash experiments/setup.sh"
+
+
+def test_build_writes_a_loadable_library(tmp_path):
+    out = dnnl_conv.build(tmp_path / "lib.so")
+    lib = ctypes.cdll.LoadLibrary(str(out))
+    for symbol in ("DnnlConvForward", "DnnlConvBackwardData", "DnnlConvBackwardWeights"):
+        assert getattr(lib, symbol)
+    assert not list(tmp_path.glob("tmp*.so"))  # the temporary name was renamed
+
+
+@pytest.mark.parametrize("shape,kernel,strides,pads,groups", [
+    ((2, 9, 7, 6), (3, 1), (2, 1), ((1, 0), (0, 2)), 1),    # non-square, asymmetric
+    ((1, 12, 12, 8), (3, 3), (1, 1), ((1, 1), (1, 1)), 8),  # one channel per group
+    ((3, 11, 11, 4), (5, 5), (3, 2), ((0, 0), (2, 1)), 2),  # strides not dividing
+    ((2, 6, 6, 3), (1, 1), (2, 2), ((0, 0), (0, 0)), 1),    # 1x1, strided
+])
+def test_forward_and_gradients_match_lax(shape, kernel, strides, pads, groups):
+    kx, kw, kp = jax.random.split(jax.random.key(sum(shape)), 3)
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (*kernel, shape[3] // groups, 2 * groups))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN,
+                                        feature_group_count=groups, precision="highest")
+
+    y_ref, vjp_ref = jax.vjp(ref, x, w)
+    y, vjp = jax.vjp(jax.jit(lambda x, w: dnnl_conv.conv(x, w, strides, pads, groups)), x, w)
+    dy = jax.random.normal(kp, y_ref.shape)
+    assert y.shape == y_ref.shape
+    assert rel_err(y_ref, y) <= 1e-5
+    for g_ref, g in zip(vjp_ref(dy), vjp(dy)):
+        assert g.shape == g_ref.shape
+        assert rel_err(g_ref, g) <= 1e-5
+
+
+def test_vmap_over_a_batch_of_kernels():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    ws = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    pads = ((1, 1), (1, 1))
+    got = jax.vmap(lambda w: dnnl_conv.conv(x, w, (1, 1), pads))(ws)
+    want = jnp.stack([lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN,
+                                               precision="highest") for w in ws])
+    assert rel_err(want, got) <= 1e-5
+
+
+def _targets(f, *args) -> str:
+    return jax.jit(f).lower(*args).as_text()
+
+
+def test_the_cpu_path_compiles_to_the_onednn_calls():
+    x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+
+    def loss(x, w):
+        return jnp.sum(cpu_conv.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                     dimension_numbers=DN) ** 2)
+
+    hlo = _targets(jax.grad(loss, argnums=(0, 1)), x, w)
+    for target in dnnl_conv.TARGETS.values():
+        assert target in hlo
+    assert "convolution" not in hlo
+    xla = _targets(jax.grad(lambda x, w: jnp.sum(cpu_conv.xla_conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=DN) ** 2), argnums=(0, 1)), x, w)
+    assert "convolution" in xla and "dnnl" not in xla
+
+
+def test_what_onednn_does_not_take_goes_to_xla():
+    w = jnp.ones((3, 3, 4, 4))
+    assert dnnl_conv.supports(jnp.ones((2, 8, 8, 4)), w, ((1, 1), (1, 1)), 1)
+    assert not dnnl_conv.supports(jnp.ones((2, 8, 8, 4), jnp.float16), w, ((1, 1), (1, 1)), 1)
+    assert not dnnl_conv.supports(jnp.ones((2, 8, 8, 4)), w, ((-1, 1), (1, 1)), 1)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    pads = ((-1, 2), (1, 1))
+    got = jax.jit(lambda x: cpu_conv.conv_general_dilated(x, w, (1, 1), pads,
+                                                          dimension_numbers=DN))(x)
+    want = lax.conv_general_dilated(x, w, (1, 1), pads, dimension_numbers=DN)
+    assert rel_err(want, got) <= 1e-5
+
+
+def test_resnet_jax_dnnl_0_keeps_xla_convolutions():
+    code = ("import jax.numpy as jnp; from resnet_jax.ops import cpu_conv, dnnl_conv;"
+            "import jax; print(dnnl_conv.available(), 'convolution' in jax.jit(lambda x, w: "
+            "cpu_conv.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', "
+            "'HWIO', 'NHWC'))).lower(jnp.ones((1, 5, 5, 2)), jnp.ones((3, 3, 2, 2))).as_text())")
+    env = {**os.environ, "RESNET_JAX_DNNL": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True"]
