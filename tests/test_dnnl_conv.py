@@ -113,3 +113,19 @@ def test_resnet_jax_dnnl_0_keeps_xla_convolutions():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,onednn", [
+    ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), True),     # 8x8 output
+    ((2, 16, 16, 4), (3, 3, 4, 4), (2, 2), True),   # 8x8 output, strided
+    ((2, 7, 7, 4), (3, 3, 4, 4), (1, 1), False),    # 7x7 output: XLA's
+    ((2, 16, 16, 4), (1, 1, 4, 8), (1, 1), True),   # 1x1
+    ((2, 16, 16, 4), (1, 1, 4, 8), (2, 2), False),  # strided 1x1: XLA's
+])
+def test_the_cpu_path_takes_onednn_where_it_pays(x_shape, w_shape, strides, onednn):
+    def f(x, w):
+        return cpu_conv.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=DN)
+
+    hlo = _targets(f, jnp.ones(x_shape), jnp.ones(w_shape))
+    assert (dnnl_conv.TARGETS["forward"] in hlo) == onednn
+    assert ("convolution" in hlo) == (not onednn)

@@ -151,9 +151,23 @@ def _conv_general_dilated(
     if feature_group_count == 1 and _smaller_than_kernel(lhs.shape, rhs.shape, strides, pads):
         return im2col_conv(lhs, rhs, strides, pads, precision)
     groups = int(feature_group_count)
-    if native and dnnl_conv.supports(lhs, rhs, pads, groups):
+    if native and _onednn_pays(lhs.shape, rhs.shape, strides, pads) and dnnl_conv.supports(
+            lhs, rhs, pads, groups):
         return dnnl_conv.conv(lhs, rhs, strides, pads, groups)
     return _conv(lhs, rhs, strides, pads, int(feature_group_count), precision)
+
+
+def _onednn_pays(x_shape, w_shape, strides, pads) -> bool:
+    """Whether oneDNN runs this convolution faster than XLA in a train step: output maps of
+    at least 8x8, and not a strided 1x1 convolution (XLA's is a strided slice and a matmul).
+    Measured in-step (`python -m experiments.ab_step --op conv`, cpu_speed_log.md section
+    14): with oneDNN on every convolution the ResNet-50 on 28x28 images (maps of 7x7 and
+    less, 64-2048 channels) ran at 0.91x, with this rule at 1.01x; the CIFAR ResNets (maps
+    of 32x32 to 8x8) at 1.43-1.45x either way."""
+    out = [(x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2)]
+    if min(out) < 8:
+        return False
+    return w_shape[0] * w_shape[1] != 1 or tuple(strides) == (1, 1)
 
 
 def _smaller_than_kernel(x_shape, w_shape, strides, pads) -> bool:
