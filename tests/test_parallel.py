@@ -151,10 +151,15 @@ def records(workdir) -> list[dict]:
     return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+# The runs below are compared one step apart. Runs that split the batch differently differ
+# by rounding (~1e-6 relative: the order of the gradient sums); a pre-activation that close
+# to zero flips its ReLU, which moves a BatchNorm bias by ~1e-2 relative the step after.
+# Over 3 steps that happened for 1 of the seeds 0-3 with XLA's convolutions and 3 of 4 with
+# oneDNN's: a coin toss, not a bug. One step compares the same arithmetic without the toss.
 @pytest.fixture(scope="module")
 def four_device_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one_by_four") / "run"
-    launch(workdir, 1, 4, "sharded")
+    launch(workdir, 1, 4, "sharded", steps=1)
     return workdir
 
 
@@ -163,9 +168,9 @@ def four_device_run(tmp_path_factory):
 def test_two_processes_by_two_devices_match_one_process_by_four(tmp_path, four_device_run,
                                                                  parallel):
     workdir = tmp_path / "run"
-    launch(workdir, 2, 2, parallel)
+    launch(workdir, 2, 2, parallel, steps=1)
     (step_a, a), (step_b, b) = final_state(four_device_run), final_state(workdir)
-    assert step_a == step_b == 3
+    assert step_a == step_b == 1
     assert_close(dict(_flat(a["params"])), dict(_flat(b["params"])))
     assert_close(dict(_flat(a["batch_stats"])), dict(_flat(b["batch_stats"])))
     ra, rb = records(four_device_run)[-1], records(workdir)[-1]
@@ -189,13 +194,13 @@ def test_a_four_device_checkpoint_resumes_on_one_device_and_on_two_processes(tmp
     single, multi = tmp_path / "single", tmp_path / "multi"
     shutil.copytree(four_device_run, single)
     shutil.copytree(four_device_run, multi)
-    launch(single, 1, 1, "single", steps=6)
-    launch(multi, 2, 2, "sharded", steps=6)
+    launch(single, 1, 1, "single", steps=2)
+    launch(multi, 2, 2, "sharded", steps=2)
     for workdir in (single, multi):
-        assert [r["step"] for r in records(workdir)] == [3, 6]  # continued, not restarted
+        assert [r["step"] for r in records(workdir)] == [1, 2]  # continued, not restarted
     (s1, a), (s2, b) = final_state(single), final_state(multi)
-    assert s1 == s2 == 6
-    # with synchronised BN, one device and 2x2 devices compute the same steps from step 3
+    assert s1 == s2 == 2
+    # with synchronised BN, one device and 2x2 devices compute the same step from step 1
     assert_close(dict(_flat(a["params"])), dict(_flat(b["params"])))
     assert_close(dict(_flat(a["batch_stats"])), dict(_flat(b["batch_stats"])))
     start = final_state(four_device_run)[1]

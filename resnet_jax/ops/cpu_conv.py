@@ -1,7 +1,7 @@
-"""A 2-D convolution whose backward pass runs well on XLA:CPU, and the compiler options
-that go with it.
+"""A 2-D convolution that runs well on the CPU backend, and the compiler options that go
+with it.
 
-Two things made the train step slow on the CPU (experiments/results/cpu_speed_log.md):
+Three things made the train step slow on the CPU (experiments/results/cpu_speed_log.md):
 
 1. XLA:CPU hands convolutions to YNNPACK by default, whose weight gradient runs at a few
    GFLOP/s (2.4 s for a 3x3, 64-channel conv at batch 128 and 32x32; Eigen's takes 0.14 s).
@@ -13,11 +13,14 @@ Two things made the train step slow on the CPU (experiments/results/cpu_speed_lo
    60-130 ms per transpose in a ResNet-20 step against 2-4 ms for a plain one. Here the
    backward pass passes its saved input and the output gradient through a conditional,
    a boundary XLA does not fuse across, so the transposes read materialized buffers.
+3. Eigen's convolutions themselves: at 16-64 channels they take 1.5-3x oneDNN's (PyTorch's
+   library). `conv_general_dilated` sends float32 convolutions with output maps of 8x8 and
+   more to oneDNN (`ops.dnnl_conv`, where its library is built); the rest stay XLA's
+   (`xla_conv_general_dilated`), with the materialized weight gradient of point 2, and maps
+   smaller than the kernel become one matmul (`im2col_conv`).
 
-Forward pass, input gradient and weight gradient stay `lax` convolutions: the numbers are
-those of `lax.conv_general_dilated`. `conv_general_dilated` has lax's signature, so it plugs
-into `nn.Conv(conv_general_dilated=...)`; cases it does not cover (dilation, batch groups,
-other layouts) fall through to lax.
+Both hooks have lax's signature, so they plug into `nn.Conv(conv_general_dilated=...)`; cases
+they do not cover (dilation, batch groups, other layouts) fall through to lax.
 """
 
 from __future__ import annotations
@@ -65,44 +68,16 @@ def _ones(v) -> bool:
     return v is None or all(int(d) == 1 for d in v)
 
 
-def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
-    """`lax.conv_general_dilated` through oneDNN (`ops.dnnl_conv`) where its library is
-    available, else with XLA's convolutions and a weight gradient that reads materialized
-    inputs (`xla_conv_general_dilated`)."""
-    return _conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type, native=True)
+def conv_general_dilated(*args, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` (same signature) through oneDNN (`ops.dnnl_conv`) where its
+    library is available and it pays (`_onednn_pays`), else as `xla_conv_general_dilated`."""
+    return _conv_general_dilated(*args, **kwargs, native=True)
 
 
-def xla_conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
-    """`lax.conv_general_dilated` whose weight gradient reads materialized inputs."""
-    return _conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type, native=False)
+def xla_conv_general_dilated(*args, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` (same signature) on XLA's convolutions, with a weight
+    gradient that reads materialized inputs."""
+    return _conv_general_dilated(*args, **kwargs, native=False)
 
 
 def _conv_general_dilated(

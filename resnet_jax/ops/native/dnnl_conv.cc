@@ -187,108 +187,70 @@ dnnl::stream& Stream() {
   return s;
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> strides,
+// Runs one primitive. Forward: a = x, b = kernel, out = y. Backward data: a = dy,
+// b = kernel, out = dx. Backward weights: a = x, b = dy, out = dkernel.
+void Execute(Kind kind, const Geometry& g, float* a, float* b, float* out) {
+  Entry& e = Lookup(g, kind);
+  auto& eng = Engine();
+  auto& s = Stream();
+  const bool weights_out = kind == Kind::kBackwardWeights;
+  memory user(g.UserWeights(), eng, weights_out ? out : b);
+  memory* w = &user;
+  if (e.reorder) {
+    w = e.blocked.get();
+    if (!weights_out) {
+      e.to_blocked.execute(s, {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, *w},
+                               {DNNL_ARG_SCRATCHPAD, Scratch(e.reorder_scratch)}});
+    }
+  }
+  std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, Scratch(e.scratch)}};
+  if (kind == Kind::kForward) {
+    args.insert({{DNNL_ARG_SRC, memory(g.Src(), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
+                 {DNNL_ARG_DST, memory(g.Dst(), eng, out)}});
+  } else if (kind == Kind::kBackwardData) {
+    args.insert({{DNNL_ARG_DIFF_DST, memory(g.Dst(), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
+                 {DNNL_ARG_DIFF_SRC, memory(g.Src(), eng, out)}});
+  } else {
+    args.insert({{DNNL_ARG_SRC, memory(g.Src(), eng, a)},
+                 {DNNL_ARG_DIFF_DST, memory(g.Dst(), eng, b)}, {DNNL_ARG_DIFF_WEIGHTS, *w}});
+  }
+  e.prim.execute(s, args);
+  if (e.reorder && weights_out) {
+    e.from_blocked.execute(s, {{DNNL_ARG_FROM, *w}, {DNNL_ARG_TO, user},
+                               {DNNL_ARG_SCRATCHPAD, Scratch(e.reorder_scratch)}});
+  }
+  s.wait();
+}
+
+// The three handlers: x is (n, h, w, c), the kernel (kh, kw, c/groups, o), y (n, oh, ow, o).
+template <Kind kind>
+ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, int64_t groups) {
+  const auto x = kind == Kind::kBackwardData ? out->dimensions() : a.dimensions();
+  const auto k = kind == Kind::kBackwardWeights ? out->dimensions() : b.dimensions();
+  const auto y = kind == Kind::kForward ? out->dimensions()
+                 : kind == Kind::kBackwardData ? a.dimensions() : b.dimensions();
   Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), k.dimensions(), y->dimensions(), strides, padding,
-                              groups, &g); err.failure()) {
+  if (auto err = MakeGeometry(x, k, y, strides, padding, groups, &g); err.failure()) {
     return err;
   }
-  return Guarded([&] {
-    Entry& e = Lookup(g, Kind::kForward);
-    auto& eng = Engine();
-    auto& s = Stream();
-    memory src(g.Src(), eng, x.typed_data()), dst(g.Dst(), eng, y->typed_data());
-    memory user(g.UserWeights(), eng, k.typed_data());
-    memory* w = &user;
-    if (e.reorder) {
-      e.to_blocked.execute(s, {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, *e.blocked},
-                               {DNNL_ARG_SCRATCHPAD, Scratch(e.reorder_scratch)}});
-      w = e.blocked.get();
-    }
-    e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, *w}, {DNNL_ARG_DST, dst},
-                       {DNNL_ARG_SCRATCHPAD, Scratch(e.scratch)}});
-    s.wait();
-  });
+  return Guarded([&] { Execute(kind, g, a.typed_data(), b.typed_data(), out->typed_data()); });
 }
 
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                        ffi::ResultBuffer<ffi::F32> dx, ffi::Span<const int64_t> strides,
-                        ffi::Span<const int64_t> padding, int64_t groups) {
-  Geometry g;
-  if (auto err = MakeGeometry(dx->dimensions(), k.dimensions(), dy.dimensions(), strides,
-                              padding, groups, &g); err.failure()) {
-    return err;
-  }
-  return Guarded([&] {
-    Entry& e = Lookup(g, Kind::kBackwardData);
-    auto& eng = Engine();
-    auto& s = Stream();
-    memory diff_dst(g.Dst(), eng, dy.typed_data()), diff_src(g.Src(), eng, dx->typed_data());
-    memory user(g.UserWeights(), eng, k.typed_data());
-    memory* w = &user;
-    if (e.reorder) {
-      e.to_blocked.execute(s, {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, *e.blocked},
-                               {DNNL_ARG_SCRATCHPAD, Scratch(e.reorder_scratch)}});
-      w = e.blocked.get();
-    }
-    e.prim.execute(s, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, *w},
-                       {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_SCRATCHPAD, Scratch(e.scratch)}});
-    s.wait();
-  });
-}
-
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dk, ffi::Span<const int64_t> strides,
-                           ffi::Span<const int64_t> padding, int64_t groups) {
-  Geometry g;
-  if (auto err = MakeGeometry(x.dimensions(), dk->dimensions(), dy.dimensions(), strides,
-                              padding, groups, &g); err.failure()) {
-    return err;
-  }
-  return Guarded([&] {
-    Entry& e = Lookup(g, Kind::kBackwardWeights);
-    auto& eng = Engine();
-    auto& s = Stream();
-    memory src(g.Src(), eng, x.typed_data()), diff_dst(g.Dst(), eng, dy.typed_data());
-    memory user(g.UserWeights(), eng, dk->typed_data());
-    memory* w = e.reorder ? e.blocked.get() : &user;
-    e.prim.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                       {DNNL_ARG_DIFF_WEIGHTS, *w}, {DNNL_ARG_SCRATCHPAD, Scratch(e.scratch)}});
-    if (e.reorder) {
-      e.from_blocked.execute(s, {{DNNL_ARG_FROM, *e.blocked}, {DNNL_ARG_TO, user},
-                                 {DNNL_ARG_SCRATCHPAD, Scratch(e.reorder_scratch)}});
-    }
-    s.wait();
-  });
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<int64_t>("groups");
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<int64_t>("groups"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardData, BackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<int64_t>("groups"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardWeights, BackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const int64_t>>("strides")
-                                  .Attr<ffi::Span<const int64_t>>("padding")
-                                  .Attr<int64_t>("groups"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvForward, Handler<Kind::kForward>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardData, Handler<Kind::kBackwardData>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DnnlConvBackwardWeights, Handler<Kind::kBackwardWeights>,
+                              Binding());
