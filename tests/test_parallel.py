@@ -119,16 +119,12 @@ def test_two_tower_alexnet_on_a_data_by_model_mesh_matches_the_unsharded_model()
 # --- several processes through the local launcher ------------------------------------------
 
 def train_args(workdir, parallel: str, steps: int) -> list[str]:
-    return ["--config", os.path.join(ROOT, "experiments/configs/fashion_mnist.py"),
-            "--workdir", str(workdir), f"--config.parallel={parallel}",
-            "--config.train_subset=256", "--config.eval_subset=500", "--config.batch_size=32",
-            "--config.eval_batch_size=100", f"--config.num_steps={steps}",
-            "--config.schedule=constant", "--config.learning_rate=0.05",
-            "--config.sync_batch_norm=True",
-            "--config.progress_bar=False"]
+    from experiments.layout_agreement import train_args as args
+
+    return args(str(workdir), parallel, steps, seed=0)
 
 
-def launch(workdir, processes: int, devices: int, parallel: str, steps: int = 3) -> None:
+def launch(workdir, processes: int, devices: int, parallel: str, steps: int = 1) -> None:
     from experiments.launch import launch as run
 
     code = run(processes, devices, train_args(workdir, parallel, steps), timeout=600)
@@ -233,3 +229,11 @@ def test_scaling_benchmark_writes_one_record_per_device_count(tmp_path):
     assert [r["devices"] for r in results] == [1, 2]
     assert [r["global_batch"] for r in results] == [4, 8]
     assert all(r["images_per_second"] > 0 and r["platform"] == "cpu" for r in results)
+
+
+def test_layout_agreement_names_a_bad_layout():
+    from experiments.layout_agreement import parse_layout
+
+    assert parse_layout("2x2:pmap") == (2, 2, "pmap")
+    with pytest.raises(Exception, match="'2x2:dp'.*single, pmap, sharded"):
+        parse_layout("2x2:dp")

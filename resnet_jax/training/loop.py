@@ -51,9 +51,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
             overrides.setdefault("conv_general_dilated", conv_general_dilated)
         if "max_pool" in fields:
             overrides.setdefault("max_pool", max_pool)
-        # Not with statistics synchronised over devices: there, runs split 1x4 and 2x2 over
-        # processes disagreed by ~1% in the stem BN's bias after 3 steps (nn.BatchNorm's
-        # agree to 1e-5); see cpu_speed_log.md section 11.
+        # Not with statistics synchronised over devices: there, a run resumed on 2x2 devices
+        # over processes disagreed with one device by 1e-3 relative in the stem BN's bias
+        # after one step (nn.BatchNorm's agree to 1e-5); cpu_speed_log.md sections 11, 15.
         if "batch_norm" in fields and overrides.get("axis_name") is None:
             overrides.setdefault("batch_norm", BatchNorm)
     return get_model(config.model, num_classes=num_classes, **overrides)
