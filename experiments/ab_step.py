@@ -1,8 +1,9 @@
 """A/B of one suite model's train step with Flax's layer and with the CPU fast path's
 replacement for it (`--op batch_norm`: nn.BatchNorm vs ops.batch_norm.BatchNorm; `--op
-max_pool`: nn.max_pool vs ops.max_pool.max_pool; `--op conv`: XLA's convolutions vs oneDNN's,
-ops.cpu_conv.xla_conv_general_dilated vs ops.cpu_conv.conv_general_dilated), the rest of the CPU path on in both, both
-compiled in one process and timed interleaved, so that the machine's noise hits both alike.
+max_pool`: nn.max_pool vs ops.max_pool.max_pool; `--op conv`: XLA's convolutions vs
+oneDNN's, ops.cpu_conv.xla_conv_general_dilated vs ops.cpu_conv.conv_general_dilated), the
+rest of the CPU path on in both, both compiled in one process and timed interleaved, so that
+the machine's noise hits both alike.
 Also checks that one step from the same state gives the same loss and parameters.
 
     python -m experiments.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
