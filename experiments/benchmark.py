@@ -2,6 +2,7 @@
 
     python -m experiments.benchmark --model cifar_resnet20 --parallel pmap --devices 1,2,4
     python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch
+    python -m experiments.benchmark --against user      # the engine's step vs a plain one
 
 Each device count runs in a fresh process (on the CPU, JAX is split into N host devices
 with XLA_FLAGS; on GPUs, CUDA_VISIBLE_DEVICES keeps the first N). The global batch is
@@ -31,23 +32,19 @@ def measure(model_name: str, parallel: str, batch: int, steps: int, warmup: int,
     import numpy as np
 
     from resnet_jax.models import get_spec
-    from resnet_jax.training import loop
-    from resnet_jax.training.config import base_config
+    from resnet_jax.training import experiment
+    from resnet_jax.training.config import base_config, durations
     from resnet_jax.training.optim import make_optimizer
-    from resnet_jax.training.parallel import make_strategy
     from resnet_jax.training.state import create_train_state
-    from resnet_jax.training.steps import make_eval_step, make_train_step
 
     spec = get_spec(model_name)
     shape = input_shape or spec.input_shape
     c = base_config()
     c.model, c.parallel, c.sync_batch_norm = model_name, parallel, sync_bn
-    c.schedule = "constant"
-    model = loop.build_model(c, spec.num_classes)
-    tx, schedule = make_optimizer(c, steps_per_epoch=1000)
-    strategy = make_strategy(parallel, lambda a: make_train_step(model, tx, schedule, 0.0, a),
-                             lambda a: make_eval_step(model, spec.num_classes, a), batch, batch,
-                             loop.compiler_options(c), loop.compiler_options(c, "eval"))
+    c.schedule, c.batch_size, c.eval_batch_size = "constant", batch, batch
+    model = experiment.build_model(c, spec.num_classes)
+    tx, schedule = make_optimizer(c, durations(c, 1000))
+    strategy = experiment.make_steps(c, model, spec.num_classes, tx, schedule)
     state = strategy.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         model, tx, jax.random.key(0), shape))
     rng = np.random.default_rng(0)
@@ -91,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--platform", default=os.environ.get("JAX_PLATFORMS", "cpu"),
                         help="cpu (forced host devices) or gpu (first N GPUs)")
     parser.add_argument("--output", default=None, help="JSON file (default under results/)")
-    parser.add_argument("--against", choices=("torch",), default=None,
-                        help="compare the CPU speed suite with PyTorch (see speed_suite.py)")
+    parser.add_argument("--against", choices=("torch", "user"), default=None,
+                        help="the CPU speed suite against PyTorch, or the engine's step against "
+                             "a plain jax.jit + optax step with ops.cpu (benchmarks/speed_suite.py)")
     parser.add_argument("--models", default=None, help="with --against: a subset of the suite")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -103,16 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.against:
-        from experiments import speed_suite
+        from benchmarks import speed_suite
 
         return speed_suite.main(args.models.split(",") if args.models else None, args.repeats,
                                 args.warmup, args.threads, args.rounds,
-                                args.results_dir or speed_suite.RESULTS)
+                                args.results_dir or speed_suite.RESULTS, peer=args.against)
     counts = [int(d) for d in args.devices.split(",")]
     if any(n < 1 for n in counts):
         parser.error(f"--devices {args.devices!r}: counts must be >= 1")
 
     if args.worker:
+        if args.platform == "cpu":
+            from resnet_jax.ops.cpu import retain_freed_memory
+
+            retain_freed_memory()  # as experiments.train does, before JAX starts
         result = measure(args.model, args.parallel, args.batch_per_device * counts[0],
                          args.steps, args.warmup, _parse_shape(args.input_shape), args.sync_bn)
         print("RESULT " + json.dumps(result))

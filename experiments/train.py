@@ -7,27 +7,49 @@ Running again with the same DIR resumes from its latest intact checkpoint. SIGTE
 Ctrl-C saves a checkpoint at the current step and exits with status 0. Exit status 2: bad
 input (config, data, a checkpoint of another run); 3: the workdir is in use by another run;
 4: the loss or a gradient went non-finite; 5: no intact checkpoint left.
+`python -m experiments.train --describe` lists every config field.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from resnet_jax.training import config as config_lib
 from resnet_jax.training.checkpoint import CheckpointError
 from resnet_jax.training.guard import WorkdirBusyError
-from resnet_jax.training.loop import train_and_evaluate
 
 # bad input (config, data, a checkpoint of another run), busy workdir, divergence, no intact
 # checkpoint left
-EXIT_STATUS = {ValueError: 2, WorkdirBusyError: 3, FloatingPointError: 4, CheckpointError: 5}
+EXIT_STATUS = {ValueError: 2, FileNotFoundError: 2, WorkdirBusyError: 3, FloatingPointError: 4,
+               CheckpointError: 5}
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory: config, metrics, checkpoints, plots")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def unknown_overrides(argv: list[str]) -> list[str]:
+    """Errors for `--config.NAME=...` arguments whose NAME the config schema lacks."""
+    errors = []
+    for arg in argv:
+        match = re.match(r"--config\.([A-Za-z_][A-Za-z0-9_]*)", arg)
+        if match and match[1] not in config_lib.FIELDS:
+            errors.append(str(config_lib.unknown_field_error(match[1])))
+    return errors
+
+
+def apply_process_settings(config) -> None:
+    """Process-wide settings that go with the config, made before JAX starts: the CPU
+    kernels' malloc setting under their switch."""
+    if config.cpu_kernels:
+        from resnet_jax.ops.cpu import retain_freed_memory
+
+        retain_freed_memory()
 
 
 def main(argv):
@@ -35,8 +57,12 @@ def main(argv):
     sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach logs as they happen
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    config = flags.FLAGS.config
+    apply_process_settings(config)
+    from resnet_jax.training.loop import train_and_evaluate  # after the settings above
+
     try:
-        record = train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        record = train_and_evaluate(config, flags.FLAGS.workdir)
     except tuple(EXIT_STATUS) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(next(code for kind, code in EXIT_STATUS.items() if isinstance(err, kind)))
@@ -46,5 +72,16 @@ def main(argv):
         print(f"final: step {record['step']} test_accuracy {record['test_accuracy']:.4f}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    if "--describe" in sys.argv[1:]:
+        print(config_lib.describe())
+        return
+    errors = unknown_overrides(sys.argv[1:])
+    if errors:
+        print("error: " + "\nerror: ".join(errors), file=sys.stderr)
+        sys.exit(2)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

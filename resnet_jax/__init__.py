@@ -1,9 +1,38 @@
-"""resnet_jax: residual networks and AlexNet in JAX/Flax for image classification."""
+"""resnet_jax: residual networks and AlexNet in JAX/Flax for image classification.
 
-from resnet_jax.ops.heap import retain_freed_memory as _retain_freed_memory
+The public face, for scripts and notebooks:
 
-# Before JAX creates its CPU client: per-step buffers are reused instead of page-faulted in
-# again on every step (resnet_jax/ops/heap.py; RESNET_JAX_HEAP=default turns it off).
-_retain_freed_memory()
+    import resnet_jax
+    config = resnet_jax.load_config("fashion_mnist", num_epochs=2)
+    resnet_jax.train(config, "runs/fm")              # the same run as experiments.train
+    run = resnet_jax.Run.load("runs/fm")             # config, model, variables, history
+    probabilities = run.predict(uint8_images)
+    model = resnet_jax.get_model("resnet50", num_classes=10)
+
+Importing it starts no compiler, reads no data and changes no process-wide setting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from resnet_jax.models import get_model, list_models
+from resnet_jax.training.config import load_config
+from resnet_jax.training.loop import train_and_evaluate
+from resnet_jax.training.run import Run
 
 __version__ = "0.1.0"
+
+
+def train(config: ml_collections.ConfigDict | str, workdir: str) -> dict[str, Any]:
+    """Train `config` (a config, or a config name/path for `load_config`) into `workdir`:
+    the same run as `python -m experiments.train` (resumes, locks the workdir, saves).
+    Returns the last evaluation record."""
+    if isinstance(config, str):
+        config = load_config(config)
+    return train_and_evaluate(config, workdir)
+
+
+__all__ = ["Run", "get_model", "list_models", "load_config", "train"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Keras on JAX
@@ -53,3 +54,32 @@ def cheap_variables(model, input_shape, seed: int = 0):
 def param_count(tree) -> int:
     """Number of scalars in a pytree of arrays or shape structs."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+# --- parallel runs in fresh processes (tests/parallel_worker.py) ----------------------------
+
+WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
+
+
+def run_worker(tmp_path, devices: int, strategies: list[str], sync_bn: bool,
+               ops_bn: bool = False) -> dict:
+    out = tmp_path / f"{devices}_{'_'.join(strategies)}_{sync_bn}_{ops_bn}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, WORKER, str(out), *strategies] + (["--sync-bn"] if sync_bn else [])
+    cmd += ["--ops-bn"] if ops_bn else []
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT, timeout=600)
+    data = dict(np.load(out))
+    assert int(data.pop("device_count")) == devices
+    return data
+
+
+def by_strategy(data: dict, strategy: str) -> dict:
+    return {k[len(strategy):]: v for k, v in data.items() if k.startswith(strategy + "[")}
+
+
+def assert_close(a: dict, b: dict, rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for key in a:
+        scale = max(np.max(np.abs(a[key])), 1e-6)
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=rtol * scale, err_msg=key)

@@ -6,7 +6,10 @@ Used by test_parallel.py in a fresh process, so that the number of CPU devices c
     python tests/parallel_worker.py OUT.npz STRATEGY [STRATEGY ...] [--sync-bn] [--ops-bn]
         [--steps 3]
 
---ops-bn swaps nn.BatchNorm for resnet_jax.ops.batch_norm.BatchNorm (the CPU fast path's).
+Layouts are compared on the reference layers (nn.Conv, nn.BatchNorm: `cpu_kernels=False`),
+whose numbers do not depend on which convolution algorithm a CPU's instruction set selects.
+--ops-bn swaps nn.BatchNorm for resnet_jax.ops.batch_norm.BatchNorm (the CPU kernels' own
+test of it under synchronised statistics).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from resnet_jax.training import loop  # noqa: E402
-from resnet_jax.training.config import base_config  # noqa: E402
-from resnet_jax.training.parallel import fetch, make_strategy  # noqa: E402
+from resnet_jax.training import experiment  # noqa: E402
+from resnet_jax.training.config import base_config, durations  # noqa: E402
+from resnet_jax.training.optim import make_optimizer  # noqa: E402
+from resnet_jax.training.parallel import fetch  # noqa: E402
 from resnet_jax.training.state import create_train_state  # noqa: E402
-from resnet_jax.training.steps import make_eval_step, make_train_step  # noqa: E402
 
 BATCH = 16
 
@@ -35,7 +38,8 @@ def config(strategy: str, sync_bn: bool):
     c.model_overrides.stage_sizes = (1, 1, 1)
     c.parallel = strategy
     c.sync_batch_norm = sync_bn
-    c.fast_cpu_conv = False
+    c.cpu_kernels = False
+    c.batch_size = c.eval_batch_size = BATCH
     c.learning_rate = 0.05
     c.schedule = "constant"
     return c
@@ -43,16 +47,13 @@ def config(strategy: str, sync_bn: bool):
 
 def run(strategy: str, sync_bn: bool, steps: int, ops_bn: bool = False) -> dict[str, np.ndarray]:
     c = config(strategy, sync_bn)
-    model = loop.build_model(c, 10)
+    model = experiment.build_model(c, 10)
     if ops_bn:
         from resnet_jax.ops.batch_norm import BatchNorm
 
-        model = model.clone(batch_norm=BatchNorm)
-    from resnet_jax.training.optim import make_optimizer
-
-    tx, schedule = make_optimizer(c, steps_per_epoch=100)
-    s = make_strategy(strategy, lambda a: make_train_step(model, tx, schedule, 0.0, a),
-                      lambda a: make_eval_step(model, 10, a), BATCH, BATCH)
+        model = model.clone(norm=BatchNorm)
+    tx, schedule = make_optimizer(c, durations(c, 100))
+    s = experiment.make_steps(c, model, 10, tx, schedule)
     state = s.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         model, tx, jax.random.key(0), (28, 28, 1)))
     rng = np.random.default_rng(0)

@@ -1,8 +1,10 @@
-"""The notebooks run top to bottom against the library (executed with nbclient)."""
+"""The notebooks use only the public API and plotting, are stored with their outputs, and run
+top to bottom against the library (executed with nbclient)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import nbformat
 import pytest
@@ -11,10 +13,36 @@ from nbclient import NotebookClient
 from conftest import ROOT
 
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
+NAMES = sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb"))
+
+
+def code(nb) -> str:
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
+
+
+def test_the_three_notebooks_are_there():
+    assert NAMES == ["01_train_and_inspect.ipynb", "02_transfer_learning.ipynb",
+                     "03_inspect_a_trained_model.ipynb"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_notebook_uses_no_private_names_and_is_stored_with_its_outputs(name):
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    source = code(nb)
+    assert "__globals__" not in source and "importlib" not in source
+    assert not re.findall(r"(?:\.|\bimport |\bfrom )_\w", source), "private names"
+    assert "resnet_jax.training.loop" not in source and "Checkpointer" not in source
+    assert all(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "run it and save"
+    assert images(nb) >= 3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb")))
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs(name):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     env_path = os.environ.get("PYTHONPATH", "")
@@ -27,6 +55,4 @@ def test_notebook_runs(name):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # curves, prediction grid, confusion matrix
+    assert images(nb) >= 3

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from resnet_jax.training import guard, loop
+from resnet_jax.training import experiment, guard, loop
+from resnet_jax.training.losses import get_loss
 from resnet_jax.training.checkpoint import CheckpointError, Checkpointer
 from resnet_jax.training.config import base_config, validate_config
 
@@ -216,9 +217,10 @@ def test_skip_nonfinite_steps_keeps_the_state_and_goes_on(tmp_path, real_fashion
     from resnet_jax.training.steps import make_train_step
 
     c = small_config()
-    exp = loop.setup(c, load_train=False)
+    exp = experiment.setup(c, load_train=False)
     state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
-    step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, skip_nonfinite=True))
+    step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, get_loss(c.loss),
+                                   skip_nonfinite=True))
     images = np.zeros((4, 28, 28, 1), np.float32)
     images[0, 0, 0, 0] = np.nan
     new, metrics = step(state, {"image": images, "label": np.zeros(4, np.int32)},
@@ -383,10 +385,10 @@ def test_a_dataset_tfds_does_not_know_is_named(tmp_path):
 
 
 def test_images_that_do_not_fit_the_model_are_named():
-    model = loop.get_model("alexnet")
+    model = experiment.get_model("alexnet")
     with pytest.raises(ValueError, match=r"model 'alexnet' cannot take images of shape "
                        r"\(28, 28, 1\)"):
-        loop.check_input_shape(model, "alexnet", (28, 28, 1))
+        experiment.check_input_shape(model, "alexnet", (28, 28, 1))
 
 
 def test_a_checkpoint_of_another_model_or_class_count_is_refused(tmp_path, two_checkpoints):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,15 +16,18 @@ import numpy as np
 import optax
 import pytest
 
+import resnet_jax
 from conftest import ROOT
 from resnet_jax.data import pipeline
 from resnet_jax.data.sources import DATASETS, DEBIAN_FASHION_MNIST, ArraySource, load_source, read_idx
-from resnet_jax.training import loop
+from resnet_jax.training import experiment, loop
+from resnet_jax.training.evaluation import evaluate
+from resnet_jax.training.losses import get_loss, softmax_cross_entropy
 from resnet_jax.training.checkpoint import Checkpointer
-from resnet_jax.training.config import base_config, validate_config
+from resnet_jax.training.config import base_config, durations, validate_config
 from resnet_jax.training.optim import kernel_mask, make_optimizer, plateau_scale
 from resnet_jax.training.state import create_train_state
-from resnet_jax.training.steps import cross_entropy, make_eval_step, make_train_step, topk_correct
+from resnet_jax.training.steps import make_eval_step, make_train_step, topk_correct
 
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
 
@@ -38,10 +40,7 @@ def real_fashion_mnist():
 
 
 def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return resnet_jax.load_config(name)
 
 
 def quick_fashion_config(**overrides) -> ml_collections.ConfigDict:
@@ -74,10 +73,10 @@ def test_every_config_builds_its_model_optimizer_and_schedule(name):
     assert "python -m experiments.train --config" in module_doc and "Expected" in module_doc
     validate_config(config)
     info = DATASETS[config.dataset]
-    model = loop.build_model(config, config.num_classes or info.num_classes)
+    model = experiment.build_model(config, config.num_classes or info.num_classes)
     shape = info.image_shape or (config.image_size, config.image_size, 3)
-    loop.check_input_shape(model, config.model, shape)
-    tx, schedule = make_optimizer(config, steps_per_epoch=100)
+    experiment.check_input_shape(model, config.model, shape)
+    tx, schedule = make_optimizer(config, durations(config, 100))
     params = {"conv": {"kernel": jnp.ones((3, 3, 2, 2))}, "bn": {"scale": jnp.ones(2)}}
     state = tx.init(params)
     updates, _ = tx.update(params, state, params, value=jnp.float32(1.0))
@@ -176,8 +175,8 @@ def test_eval_batches_cover_every_example_once_with_a_mask():
 def test_cross_entropy_label_smoothing_and_topk():
     logits = jnp.array([[4.0, 1.0, 0.0, -1.0, -2.0, -3.0]])
     labels = jnp.array([0])
-    plain = cross_entropy(logits, labels)
-    smooth = cross_entropy(logits, labels, 0.1)
+    plain = softmax_cross_entropy(logits, labels)
+    smooth = softmax_cross_entropy(logits, labels, 0.1)
     np.testing.assert_allclose(plain, -jax.nn.log_softmax(logits)[:, 0], rtol=1e-6)
     assert float(smooth[0]) > float(plain[0])
     assert float(topk_correct(logits, jnp.array([4]), 5)[0]) == 1.0
@@ -194,14 +193,14 @@ def _opt_config(**kw):
 def test_piecewise_schedule_divides_by_ten_at_the_given_epochs():
     c = _opt_config(schedule="piecewise", learning_rate=0.1, lr_boundaries=(2, 4),
                     lr_boundaries_unit="epochs")
-    _, schedule = make_optimizer(c, steps_per_epoch=10)
+    _, schedule = make_optimizer(c, durations(c, 10))
     np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 39, 40)],
                                [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
 
 def test_cosine_schedule_warms_up_linearly_then_decays():
     c = _opt_config(schedule="cosine", learning_rate=0.4, warmup_epochs=1, num_epochs=3)
-    _, schedule = make_optimizer(c, steps_per_epoch=10)
+    _, schedule = make_optimizer(c, durations(c, 10))
     np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.2, 0.4], rtol=1e-6)
     assert float(schedule(29)) < 0.01
 
@@ -214,7 +213,7 @@ def test_weight_decay_is_masked_to_kernels_and_l2_differs_from_decoupled():
     for mode in ("l2", "decoupled"):
         c = _opt_config(optimizer="adam", learning_rate=0.1, weight_decay=0.5,
                         weight_decay_mode=mode, schedule="constant")
-        tx, _ = make_optimizer(c, 10)
+        tx, _ = make_optimizer(c, durations(c, 10))
         updates, _ = tx.update(zeros, tx.init(params), params)
         assert not np.any(updates["bn"]["scale"]) and not np.any(updates["bn"]["bias"])
         out[mode] = updates["conv"]["kernel"]
@@ -228,7 +227,7 @@ def test_each_optimizer_descends_a_quadratic(optimizer):
     lr = 20.0 if optimizer == "lars" else 0.05
     c = _opt_config(optimizer=optimizer, learning_rate=lr, schedule="constant", weight_decay=0.0,
                     nesterov=True, grad_clip=10.0)
-    tx, _ = make_optimizer(c, 10)
+    tx, _ = make_optimizer(c, durations(c, 10))
     params = {"w": {"kernel": jnp.array([[3.0, -2.0]])}}
     state = tx.init(params)
     loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)
@@ -242,7 +241,7 @@ def test_each_optimizer_descends_a_quadratic(optimizer):
 def test_reduce_on_plateau_cuts_the_learning_rate_when_loss_stalls():
     c = _opt_config(schedule="plateau", learning_rate=0.1, plateau_patience=2,
                     plateau_accumulation=1, plateau_factor=0.5)
-    tx, _ = make_optimizer(c, 10)
+    tx, _ = make_optimizer(c, durations(c, 10))
     params = {"w": jnp.ones(2)}
     state = tx.init(params)
     for _ in range(6):
@@ -253,9 +252,10 @@ def test_reduce_on_plateau_cuts_the_learning_rate_when_loss_stalls():
 def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
     c = quick_fashion_config(model="cifar_resnet20", schedule="constant", learning_rate=0.05)
     c.model_overrides = ml_collections.ConfigDict({"stage_sizes": (1, 1, 1)})
-    exp = loop.setup(c, load_train=False)
+    exp = experiment.setup(c, load_train=False)
     state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
-    step = jax.jit(chex.assert_max_traces(make_train_step(exp.model, exp.tx, exp.schedule), n=1))
+    step = jax.jit(chex.assert_max_traces(
+        make_train_step(exp.model, exp.tx, exp.schedule, get_loss(c.loss)), n=1))
     images = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
     batch = {"image": images, "label": np.arange(8, dtype=np.int32)}
     for _ in range(3):
@@ -263,13 +263,13 @@ def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
     assert int(state.step) == 3 and float(m["learning_rate"]) == pytest.approx(0.05)
     # evaluation over 1000 examples in batches of 300: every example counted once, and the
     # accuracy equals the one computed on the whole split at once
-    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes))
-    result = loop.evaluate(exp, state, eval_step)
+    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes, get_loss(c.loss)))
+    result = evaluate(eval_step, state, exp.eval_source, exp.info, c.eval_batch_size)
     assert result["count"] == 1000 and int(result["confusion"].sum()) == 1000
     x = (exp.eval_source.images.astype(np.float32) / 255 - 0.2860) / 0.3530
     logits = exp.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x)
     correct = int(np.sum(np.argmax(logits, -1) == exp.eval_source.labels))
-    assert result["top1"] * 1000 == pytest.approx(correct, abs=1e-6)
+    assert result["accuracy"] * 1000 == pytest.approx(correct, abs=1e-6)
 
 
 # --- whole runs ---------------------------------------------------------------------------
@@ -281,10 +281,10 @@ def test_a_few_steps_on_mock_cifar10_lower_the_loss():
     c.update(dict(batch_size=32, learning_rate=0.05, schedule="constant", num_steps=0, num_epochs=1,
                   weight_decay=0.0, augment="none", progress_bar=False))
     with tfds.testing.mock_data(num_examples=64):
-        exp = loop.setup(c)
+        exp = experiment.setup(c)
     assert len(exp.train_source) == 64 and exp.image_shape == (32, 32, 3)
     state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
-    step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule))
+    step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, get_loss(c.loss)))
     batch = next(pipeline.train_batches(exp.train_source, exp.info, 32, seed=0, augment="none"))
     losses = []
     for _ in range(8):
@@ -300,7 +300,7 @@ def test_short_fashion_mnist_run_beats_chance_and_writes_everything(tmp_path, re
     assert record["test_count"] == 1000
     lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["epoch"] for r in lines] == [1, 2]
-    for key in ("step", "epoch", "learning_rate", "train_loss", "train_accuracy", "test_loss",
+    for key in ("step", "epoch", "train_learning_rate", "train_loss", "train_accuracy", "test_loss",
                 "test_accuracy", "images_per_second"):
         assert key in lines[-1]
     assert json.load(open(os.path.join(workdir, "config.json")))["model"] == "fashion_mnist_resnet8"
@@ -326,7 +326,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     halted.halt_after_steps = 11  # mid-epoch 2 (8 steps per epoch)
     loop.train_and_evaluate(halted, interrupted)
     loop.train_and_evaluate(c, interrupted)
-    exp = loop.setup(c, load_train=False)
+    exp = experiment.setup(c, load_train=False)
     target = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
     states = []
     for workdir in (straight, interrupted):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax.training import loop, transfer
+from resnet_jax.training import experiment, loop, transfer
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.config import base_config
 from test_convert import randomized_torch_model
@@ -112,7 +112,7 @@ def test_frozen_backbone_fine_tuning_moves_only_the_head(converted, tmp_path):
         np.testing.assert_array_equal(after[key], before[key], err_msg="/".join(key))
     assert after[("params", "fc", "kernel")].shape == (512, 10)  # re-initialised: 1000 -> 10
     # the head did train: it moved away from the fresh initialisation of the run's seed
-    exp = loop.setup(fine_tune_config(out, "backbone"), load_train=False)
+    exp = experiment.setup(fine_tune_config(out, "backbone"), load_train=False)
     init_rng = jax.random.split(jax.random.key(0))[0]
     fresh = jax.jit(lambda k: exp.model.init({"params": k, "dropout": k},
                                              np.zeros((1, 28, 28, 3), np.float32)))(init_rng)
@@ -160,7 +160,7 @@ def test_the_transfer_config_is_the_seed_recipe():
     c = load_config("transfer_resnet50")
     assert c.model == "resnet50" and c.model_overrides.head_hidden == 1024
     assert c.num_classes == 10 and c.freeze == "backbone" and c.channels == 3
-    model = loop.build_model(c, 10)
+    model = experiment.build_model(c, 10)
     import jax.numpy as jnp
 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3))))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_jax.models import get_model, get_spec
 
@@ -27,26 +28,6 @@ def expected_variables(model_name: str, num_classes: int, **overrides) -> dict[s
     return unfreeze(variables)
 
 
-def flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flat(value, prefix + (key,)))
-        else:
-            out[prefix + (key,)] = value
-    return out
-
-
-def unflat(items: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, value in items.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
 Rule = tuple[str, Callable[[np.ndarray], np.ndarray]]
 
 
@@ -55,7 +36,7 @@ def assemble(expected: Mapping, rules: Mapping[tuple[str, ...], Rule],
              what: str = "state_dict") -> dict[str, Any]:
     """The variable tree shaped like `expected`, each leaf `transform(source[name])` per
     `rules[(collection, *path)]`. Errors name the first missing, extra or misshapen tensor."""
-    leaves = flat(expected)
+    leaves = flatten_dict(unfreeze(expected))
     unmapped = [p for p in leaves if p not in rules]
     if unmapped:
         raise ConversionError(f"no source tensor is mapped to {'/'.join(unmapped[0])}")
@@ -77,7 +58,7 @@ def assemble(expected: Mapping, rules: Mapping[tuple[str, ...], Rule],
             raise ConversionError(f"{what}[{name!r}] has shape {array.shape}: converted "
                                   f"{value.shape}, but {'/'.join(path)} needs {tuple(leaf.shape)}")
         out[path] = value
-    return unflat(out)
+    return unflatten_dict(out)
 
 
 def identity(a: np.ndarray) -> np.ndarray:

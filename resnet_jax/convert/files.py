@@ -8,12 +8,12 @@ also the `model_weights` group of a whole-model `.h5`) or a Keras 3 `.weights.h5
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
 import numpy as np
 
-from resnet_jax.training.checkpoint import file_digest
 
 TORCHVISION_PREPROCESS = {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
                           "std": (0.229, 0.224, 0.225)}
@@ -55,6 +55,12 @@ KNOWN_FILES: dict[str, dict[str, Any]] = {
                        "(103.939, 116.779, 123.68), no scaling"},
     },
 }
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    """Hex digest of a file (`algorithm` as hashlib names it)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def sha256(path: str) -> str:

@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from resnet_jax.convert.common import (ConversionError, Rule, assemble, expected_variables,
-                                       flat, identity)
+from flax.traverse_util import flatten_dict
+
+from resnet_jax.convert.common import ConversionError, Rule, assemble, expected_variables, identity
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 MODELS = RESNETS + ("alexnet_owt",)
@@ -67,7 +68,7 @@ def torchvision_name(path: tuple[str, ...]) -> str:
 
 def resnet_rules(expected: Mapping) -> dict[tuple[str, ...], Rule]:
     rules: dict[tuple[str, ...], Rule] = {}
-    for path in flat(expected):
+    for path in flatten_dict(expected):
         collection, *module, leaf = path
         if module == ["fc"]:
             rules[path] = ("fc.weight", dense_kernel) if leaf == "kernel" else ("fc.bias", identity)

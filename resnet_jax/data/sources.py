@@ -55,6 +55,7 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+DATA_SOURCES = ("auto", "tfds", "idx")
 
 
 @dataclasses.dataclass
@@ -93,6 +94,13 @@ class RecordSource:
             r = self.records[int(i)]
             out.append((np.asarray(r["image"]), int(r["label"])))
         return out
+
+
+def subset(source: ArraySource | RecordSource, n: int) -> ArraySource | RecordSource:
+    """The first `n` examples of an in-memory source (all of it when n is 0 or larger)."""
+    if n and isinstance(source, ArraySource) and n < len(source):
+        return ArraySource(source.images[:n], source.labels[:n])
+    return source
 
 
 def _open(path: str):
@@ -158,8 +166,8 @@ def load_source(
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
-    if data_source not in ("auto", "tfds", "idx"):
-        raise ValueError(f"data_source={data_source!r}; expected 'auto', 'tfds' or 'idx'")
+    if data_source not in DATA_SOURCES:
+        raise ValueError(f"data_source={data_source!r}; expected one of {DATA_SOURCES}")
     idx_dir = data_dir or (DEBIAN_FASHION_MNIST if dataset == "fashion_mnist" else None)
     has_idx = idx_dir is not None and all(
         os.path.exists(os.path.join(idx_dir, f)) or os.path.exists(os.path.join(idx_dir, f + ".gz"))

@@ -15,6 +15,13 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """Grayscale NHWC images (one channel) with the channel repeated three times."""
+    if images.shape[-1] != 1:
+        raise ValueError(f"to_rgb takes one-channel images, got shape {images.shape}")
+    return np.repeat(images, 3, axis=-1)
+
+
 def crop_flip_params(rng: np.random.Generator, n: int, pad: int, flip: bool):
     """Offsets in [0, 2*pad] and flip flags for n images."""
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2)) if pad else np.zeros((n, 2), np.int64)

@@ -12,6 +12,7 @@ from typing import Any
 from flax import linen as nn
 
 from resnet_jax.models.alexnet import AlexNet
+from resnet_jax.models.common import LAYER_FIELDS
 from resnet_jax.models.layers import LocalResponseNorm, local_response_norm
 from resnet_jax.models.resnet import PreActResNet, ResNet
 
@@ -134,9 +135,14 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def get_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn.Module:
-    """An unbound flax module for registered model `name`, with fields overridden."""
+    """An unbound flax module for registered model `name`, with fields overridden.
+
+    Layer constructors (`conv`, `norm`, `pool`) that the model's class does not take are
+    left out, so that one drop-in set (e.g. `resnet_jax.ops.cpu.layers()`) fits every model.
+    """
     spec = get_spec(name)
     known = {f.name for f in dataclasses.fields(spec.cls)} - {"parent", "name"}
+    overrides = {k: v for k, v in overrides.items() if k in known or k not in LAYER_FIELDS}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
@@ -149,6 +155,7 @@ def get_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn
 
 
 __all__ = [
+    "LAYER_FIELDS",
     "AlexNet",
     "LocalResponseNorm",
     "ModelSpec",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from resnet_jax.models.common import make_conv, make_dense
+from resnet_jax.models.common import ModuleDef, make_conv, make_dense
 from resnet_jax.models.layers import adaptive_avg_pool, local_response_norm
 
 KERNELS = (11, 5, 3, 3, 3)
@@ -57,8 +57,8 @@ class AlexNet(nn.Module):
       dropout_rate: dropout on fc6 and fc7 outputs in train mode (rng stream "dropout").
       paper_init: N(0, 0.01) weights, biases 1 in conv2, conv4, conv5, fc6, fc7 and 0
         elsewhere (section 5). Otherwise Kaiming (fan-out) convs and PyTorch dense init.
-      conv_general_dilated: an alternative convolution primitive (None: lax's).
-      max_pool: a drop-in function for nn.max_pool (None: nn.max_pool).
+      conv, pool: the layer constructors (`nn.Conv`, `nn.max_pool` or drop-ins with their
+        arguments). AlexNet has no BatchNorm, so it takes no `norm`.
     """
 
     num_classes: int = 1000
@@ -70,8 +70,8 @@ class AlexNet(nn.Module):
     paper_init: bool = True
     pool_output: int = 6
     dtype: jnp.dtype = jnp.float32
-    conv_general_dilated: Callable | None = None
-    max_pool: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -86,10 +86,10 @@ class AlexNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         for i in range(5):
             if self.paper_init:
-                conv = make_conv(self.dtype, True, self.conv_general_dilated, weight_init)
+                conv = make_conv(self.conv, self.dtype, True, weight_init)
                 bias_init = nn.initializers.ones if paper_ones[i] else nn.initializers.zeros
             else:
-                conv = make_conv(self.dtype, True, self.conv_general_dilated)
+                conv = make_conv(self.conv, self.dtype, True)
                 bias_init = nn.initializers.zeros
             k, p = KERNELS[i], PADDING[i]
             x = conv(
@@ -105,7 +105,7 @@ class AlexNet(nn.Module):
             if self.lrn and i < 2:
                 x = local_response_norm(x)
             if POOL_AFTER[i]:
-                x = (self.max_pool or nn.max_pool)(x, (3, 3), strides=(2, 2))
+                x = self.pool(x, (3, 3), strides=(2, 2))
         x = adaptive_avg_pool(x, (self.pool_output, self.pool_output))
         x = x.reshape((x.shape[0], -1))
         for name in ("fc6", "fc7"):

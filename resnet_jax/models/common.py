@@ -1,4 +1,8 @@
-"""Partials of nn.Conv / nn.BatchNorm / nn.Dense with the zoo's conventions."""
+"""Partials of the injected conv / norm constructors and nn.Dense with the zoo's conventions.
+
+LAYER_FIELDS names the constructors a model takes in the Flax idiom (`conv: ModuleDef =
+nn.Conv`, `norm`, `pool`): a backend's drop-in set replaces them without the model knowing.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +15,38 @@ from flax import linen as nn
 from resnet_jax.models.layers import kaiming_normal_fan_out, torch_linear_kernel_init
 
 ModuleDef = Any
+LAYER_FIELDS = ("conv", "norm", "pool")
 Dtype = Any
 
 
 def make_conv(
+    conv: ModuleDef,
     dtype: Dtype,
     use_bias: bool = False,
-    conv_general_dilated: Callable | None = None,
     kernel_init: Callable = kaiming_normal_fan_out,
 ) -> ModuleDef:
-    """nn.Conv with float32 parameters, `dtype` compute and an optional conv primitive."""
+    """The model's `conv` constructor with float32 parameters and `dtype` compute."""
     return functools.partial(
-        nn.Conv,
+        conv,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
-        conv_general_dilated=conv_general_dilated,
     )
 
 
 def make_norm(
+    norm: ModuleDef,
     train: bool,
     dtype: Dtype,
     momentum: float,
     epsilon: float,
     axis_name: str | None,
-    batch_norm: ModuleDef | None = None,
 ) -> ModuleDef:
-    """nn.BatchNorm (or the drop-in `batch_norm` class) in batch-statistics mode when
+    """The model's `norm` constructor (BatchNorm's arguments) in batch-statistics mode when
     training, running averages otherwise."""
     return functools.partial(
-        batch_norm or nn.BatchNorm,
+        norm,
         use_running_average=not train,
         momentum=momentum,
         epsilon=epsilon,

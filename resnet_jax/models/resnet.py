@@ -120,11 +120,8 @@ class ResNet(nn.Module):
       bn_epsilon: 1e-5 as torchvision; Keras' ResNet50 uses 1.001e-5.
       axis_name: mapped axis over which BatchNorm statistics are synchronised, or None.
       conv_bias: convolutions with biases (Keras' ResNet50 has them; torchvision's do not).
-      conv_general_dilated: an alternative convolution primitive for every conv (None: lax's).
-      batch_norm: a drop-in class for every nn.BatchNorm (None: nn.BatchNorm), e.g.
-        `ops.batch_norm.BatchNorm`.
-      max_pool: a drop-in function for nn.max_pool (None: nn.max_pool), e.g.
-        `ops.max_pool.max_pool`.
+      conv, norm, pool: the layer constructors (`nn.Conv`, `nn.BatchNorm`, `nn.max_pool` or
+        drop-ins with their arguments, such as `resnet_jax.ops.cpu.layers()`).
       head_hidden: >0 puts a dense layer of that width + ReLU (`fc_hidden`) between the
         global pooling and `fc`, as in the transfer-learning seed (dense 1024, dense 10).
     """
@@ -145,9 +142,9 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
     conv_bias: bool = False
-    conv_general_dilated: Callable | None = None
-    batch_norm: Callable | None = None
-    max_pool: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    pool: Callable = nn.max_pool
     head_hidden: int = 0
 
     @nn.compact
@@ -160,9 +157,9 @@ class ResNet(nn.Module):
                 f"stage_sizes {tuple(self.stage_sizes)} and stage_widths "
                 f"{tuple(self.stage_widths)} must have the same length"
             )
-        conv = make_conv(self.dtype, self.conv_bias, self.conv_general_dilated)
-        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name,
-                         self.batch_norm)
+        conv = make_conv(self.conv, self.dtype, self.conv_bias)
+        norm = make_norm(self.norm, train, self.dtype, self.bn_momentum, self.bn_epsilon,
+                         self.axis_name)
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
         # only bottleneck blocks have a choice of where the stride goes
         extra = {} if self.block == "basic" else {"stride_on": self.stride_on}
@@ -171,9 +168,8 @@ class ResNet(nn.Module):
         k = self.stem_kernel
         x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
-        max_pool = self.max_pool or nn.max_pool
         if self.stem_pool:
-            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
                 x = block_cls(
@@ -252,6 +248,7 @@ class PreActResNet(nn.Module):
       downsample: "stride" (first block of a stage has stride 2) or "pool" (2x2 max-pool
         between stages, blocks keep stride 1, as in the small MNIST net).
       head_hidden: width of a dense+ReLU layer before the classifier, or None.
+      conv, norm, pool: the layer constructors, as in `ResNet`.
     """
 
     stage_sizes: Sequence[int]
@@ -269,29 +266,28 @@ class PreActResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
-    conv_general_dilated: Callable | None = None
-    batch_norm: Callable | None = None
-    max_pool: Callable | None = None
+    conv: ModuleDef = nn.Conv
+    norm: ModuleDef = nn.BatchNorm
+    pool: Callable = nn.max_pool
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_choice("block", self.block, BLOCKS)
         check_choice("shortcut", self.shortcut, SHORTCUTS)
         check_choice("downsample", self.downsample, DOWNSAMPLE)
-        conv = make_conv(self.dtype, False, self.conv_general_dilated)
-        norm = make_norm(train, self.dtype, self.bn_momentum, self.bn_epsilon, self.axis_name,
-                         self.batch_norm)
+        conv = make_conv(self.conv, self.dtype)
+        norm = make_norm(self.norm, train, self.dtype, self.bn_momentum, self.bn_epsilon,
+                         self.axis_name)
         block_cls = PreActBlock if self.block == "basic" else PreActBottleneckBlock
 
         x = jnp.asarray(x, self.dtype)
         k = self.stem_kernel
         x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
-        max_pool = self.max_pool or nn.max_pool
         if self.stem_pool:
-            x = max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             if i > 0 and self.downsample == "pool":
-                x = max_pool(x, (2, 2), strides=(2, 2))
+                x = self.pool(x, (2, 2), strides=(2, 2))
             for j in range(size):
                 strides = 2 if (i > 0 and j == 0 and self.downsample == "stride") else 1
                 x = block_cls(

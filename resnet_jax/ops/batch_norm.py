@@ -3,7 +3,7 @@ memory on XLA:CPU.
 
 Differentiating `nn.BatchNorm` lets XLA keep the centred input `x - mean` as a residual: one
 extra full-size write and read per layer (2-7 ms each at batch 128, 32x32x16 on the 2-core
-CPU of experiments/results/cpu_speed_log.md, section 11). Here the backward pass is the
+CPU of docs/cpu_speed_log.md, section 11). Here the backward pass is the
 closed form
 
     dx = scale * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)),   xhat = (x - mean) * rstd

@@ -1,12 +1,11 @@
 """A 2-D convolution that runs well on the CPU backend, and the compiler options that go
 with it.
 
-Three things made the train step slow on the CPU (experiments/results/cpu_speed_log.md):
+Three things made the train step slow on the CPU (docs/cpu_speed_log.md):
 
 1. XLA:CPU hands convolutions to YNNPACK by default, whose weight gradient runs at a few
    GFLOP/s (2.4 s for a 3x3, 64-channel conv at batch 128 and 32x32; Eigen's takes 0.14 s).
-   `COMPILER_OPTIONS` keeps YNNPACK for dots and reductions; pass them to `jax.jit` on the CPU
-   (`compiler_options()` does that choice).
+   `ops.cpu.jit_options()` keeps YNNPACK for dots and reductions only.
 2. The weight gradient is a convolution over the batch, so XLA transposes its two inputs to
    batch-minor layouts. It fuses the producers of those inputs (BatchNorm, ReLU, residual
    adds of up to four blocks) into the transposes and recomputes them with strided reads:
@@ -26,7 +25,7 @@ they do not cover (dilation, batch groups, other layouts) fall through to lax.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,24 +34,6 @@ from jax import lax
 from resnet_jax.ops import dnnl_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-
-# YNNPACK for dots and reductions, not for convolutions: its convolution gradients are slower
-# than Eigen's here (and without it, the BatchNorm reductions of a train step become slower
-# reduce-windows). The eval step keeps YNNPACK for dots only: there its reduction fusions
-# swallow the convolutions feeding the final pooling and run them slower (cpu_speed_log.md).
-COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-EVAL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
-def compiler_options(backend: str | None = None, step: str = "train") -> dict[str, Any] | None:
-    """`jax.jit(..., compiler_options=...)` for a train or eval step on the backend: the
-    options above on the CPU, None elsewhere."""
-    if (backend or jax.default_backend()) != "cpu":
-        return None
-    return dict(COMPILER_OPTIONS if step == "train" else EVAL_COMPILER_OPTIONS)
-
 
 def _is_nhwc(dimension_numbers) -> bool:
     if dimension_numbers is None:
@@ -135,7 +116,7 @@ def _conv_general_dilated(
 def _onednn_pays(x_shape, w_shape, strides, pads) -> bool:
     """Whether oneDNN runs this convolution faster than XLA in a train step: output maps of
     at least 8x8, and not a strided 1x1 convolution (XLA's is a strided slice and a matmul).
-    Measured in-step (`python -m experiments.ab_step --op conv`, cpu_speed_log.md section
+    Measured in-step (`python -m benchmarks.ab_step --op conv`, cpu_speed_log.md section
     14): with oneDNN on every convolution the ResNet-50 on 28x28 images (maps of 7x7 and
     less, 64-2048 channels) ran at 0.91x, with this rule at 1.01x; the CIFAR ResNets (maps
     of 32x32 to 8x8) at 1.43-1.45x either way."""

@@ -2,14 +2,15 @@
 
 XLA:CPU runs convolutions with Eigen; at the 16-64 channels of the CIFAR ResNets its forward
 and input gradient take about twice as long as oneDNN's and its weight gradient three times
-(experiments/results/cpu_speed_log.md, section 14). `native/dnnl_conv.cc` wraps oneDNN's
+(docs/cpu_speed_log.md, section 14). `native/dnnl_conv.cc` wraps oneDNN's
 convolution primitives as XLA FFI handlers; `conv` calls them from a jitted function, with
 a custom VJP whose two gradients are oneDNN's too.
 
 The library is built on this machine against the `onednn-cpu-gomp` wheel (x86-64 Linux) by
-`python -m resnet_jax.ops.dnnl_conv` (experiments/setup.sh runs it), or on first use when
-it is missing or older than its source. Where it cannot be built or loaded (no compiler, no
-oneDNN, another platform) `available()` is False and `ops.cpu_conv` keeps XLA's convolutions.
+one explicit command, `python -m resnet_jax.ops.dnnl_conv` (experiments/setup.sh runs it);
+nothing compiles it while a step is traced. Where it is missing, older than its source or
+cannot be loaded (another platform), `available()` warns once and is False, and
+`ops.cpu_conv` keeps XLA's convolutions.
 Float32 only; NHWC activations and HWIO kernels, as `nn.Conv`.
 """
 
@@ -80,20 +81,23 @@ def _stale() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether the oneDNN convolutions are registered with XLA:CPU (building the library
-    first if it is missing or stale). Set RESNET_JAX_DNNL=0 to keep XLA's convolutions."""
+    """Whether the oneDNN convolutions are registered with XLA:CPU (loading the built library
+    the first time). Set RESNET_JAX_DNNL=0 to keep XLA's convolutions."""
     if os.environ.get("RESNET_JAX_DNNL", "1") == "0":
         return False
     if sys.platform != "linux" or sysconfig.get_platform().split("-")[-1] != "x86_64":
         return False
+    if _stale():
+        state = "missing" if not LIBRARY.exists() else "older than its source"
+        warnings.warn(f"oneDNN convolutions not built ({LIBRARY.name} is {state}); using XLA's. "
+                      "Build them with `python -m resnet_jax.ops.dnnl_conv`.", stacklevel=2)
+        return False
     try:
-        if _stale():
-            build()
         lib = ctypes.cdll.LoadLibrary(str(LIBRARY))
         for kind, target in TARGETS.items():
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[kind])), platform="cpu")
-    except (OSError, RuntimeError, AttributeError) as err:
+    except (OSError, AttributeError) as err:
         warnings.warn(f"oneDNN convolutions unavailable, using XLA's: {err}", stacklevel=2)
         return False
     return True

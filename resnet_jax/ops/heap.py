@@ -5,13 +5,14 @@ XLA:CPU allocates an executable's temporary buffer (300 MB for a CIFAR ResNet-20
 at batch 128) with malloc on every call and frees it afterwards. glibc serves an allocation
 that large with mmap and returns it to the kernel on free, so each step page-faults the
 whole buffer in again: 73,000 minor faults and 170-210 ms of system time per ResNet-20
-step on the 2-core CPU of experiments/results/cpu_speed_log.md (section 10). With one
+step on the 2-core CPU of docs/cpu_speed_log.md (section 10). With one
 arena, no mmap'd chunks and no trimming, the buffer stays in the heap and the next step
 reuses it (0-50 faults per step).
 
 `retain_freed_memory()` sets that through `mallopt`. It only takes effect for threads that
 have not allocated yet, so it has to run before JAX creates its CPU client (the first
-`jax.devices()` or computation); `import resnet_jax` calls it. It is meant for hosts where
+`jax.devices()` or computation): the entry points (`experiments.train`, ...) call it first
+thing when the config's `cpu_kernels` switch is on; importing resnet_jax never does. It is meant for hosts where
 JAX computes on the CPU: with one arena, every thread's malloc shares one lock (glibc's
 per-thread caches take most small allocations without it), so it stays off where a GPU/TPU
 plugin for JAX is installed or `JAX_PLATFORMS` names no CPU. `RESNET_JAX_HEAP=retain` forces

@@ -3,7 +3,7 @@
 Autodiff of `nn.max_pool` (a max `reduce_window`) transposes into `select_and_scatter_add`,
 which XLA:CPU expands into an iota, a variadic `reduce_window` over (value, index) pairs and
 a scatter: 190-330 ms for the ResNet stem's 3x3/2 pool at batch 32, 112x112x64 on the 2-core
-CPU of experiments/results/cpu_speed_log.md (section 13), where the pool's input is 103 MB.
+CPU of docs/cpu_speed_log.md (section 13), where the pool's input is 103 MB.
 Here:
 
 - forward: the maximum of the window's k*k strided slices of the (-inf padded) input, one

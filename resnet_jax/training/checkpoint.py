@@ -26,6 +26,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
+from flax.core import unfreeze
 
 from resnet_jax.training.parallel import fetch
 
@@ -56,13 +58,52 @@ class Restored:
     meta: dict[str, Any]
 
 
-def file_digest(path: str, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
+def file_digest(path: str) -> str:
+    """SHA-256 of a file, hex."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def meta(identity: dict[str, Any], dropout_key: jax.Array, step: int, steps_per_epoch: int
+         ) -> dict[str, Any]:
+    """What a checkpoint records beside the state: the run's identity and what is needed to
+    continue exactly."""
+    return {
+        **identity,
+        # the dropout key of step s is fold_in(dropout_key, s): the RNG state is (key, step)
+        "dropout_key": np.asarray(jax.random.key_data(dropout_key)).tolist(),
+        # the data order is a function of (seed, step): the iterator resumes at `step`
+        "data_position": {"step": int(step), "epoch": int(step // steps_per_epoch),
+                          "batch_in_epoch": int(step % steps_per_epoch)},
+    }
+
+
+def check_fits(identity: dict[str, Any], meta: dict[str, Any], saved: Any, target: Any,
+               where: str) -> None:
+    """A ValueError naming what differs when a checkpoint (its `meta` and `saved` arrays) was
+    written by another run (`identity`: model, classes, dataset, batch size, seed...) or holds
+    differently shaped params or batch statistics than `target`."""
+    for key, value in identity.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(
+                f"checkpoint {where} was written with {key}={meta[key]!r}, but this run has "
+                f"{key}={value!r}; use another --workdir (or set {key} to match)")
+    for part in ("params", "batch_stats"):
+        a = _flat(saved[part] if isinstance(saved, dict) else getattr(saved, part))
+        b = _flat(getattr(target, part))
+        for key in sorted(set(a) | set(b)):
+            name = f"{part}/{key}"
+            if key not in b:
+                raise ValueError(f"checkpoint {where} has {name}, which the model does not")
+            if key not in a:
+                raise ValueError(f"checkpoint {where} lacks {name}, which the model has")
+            if tuple(np.shape(a[key])) != tuple(np.shape(b[key])):
+                raise ValueError(f"checkpoint {where}: {name} has shape {tuple(np.shape(a[key]))}"
+                                 f", the model's is {tuple(np.shape(b[key]))}")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return traverse_util.flatten_dict(unfreeze(tree), sep="/") if tree else {}
 
 
 def directory_manifest(directory: str) -> dict[str, list]:

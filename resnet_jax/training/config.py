@@ -1,150 +1,298 @@
-"""The training configuration: every field with its default, and validation that names the
-bad value before any data is read or any step is compiled."""
+"""The training configuration: every field declared once, with its type, default, allowed
+values and meaning, grouped by concern; validation that names the bad value before any data
+is read or any step is compiled; and the one conversion of durations into steps.
+
+A config is a flat `ml_collections.ConfigDict` (so `--config.num_epochs=3` overrides work);
+`SCHEMA` groups its fields into sections. Durations are written in the unit natural to the
+recipe (`num_epochs` or `num_steps`, `warmup_epochs`, `lr_boundaries` in steps or epochs,
+`eval_every_epochs`, `checkpoint_every_steps`) and turned into steps by `durations()` alone.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import ml_collections
 
-from resnet_jax.data.sources import DATASETS
+from resnet_jax.data.sources import DATA_SOURCES, DATASETS
 from resnet_jax.data.transforms import AUGMENTATIONS
 from resnet_jax.models import get_spec
+from resnet_jax.training.losses import LOSSES
 from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
+from resnet_jax.training.parallel import STRATEGIES
+from resnet_jax.training.transfer import FREEZE_CHOICES
 
+# The experiment configs of a checkout, found by name by load_config.
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 DTYPES = ("float32", "bfloat16")
+BOUNDARY_UNITS = ("steps", "epochs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One config field: default (its type is the field's type), meaning, allowed values."""
+
+    default: Any
+    help: str
+    choices: tuple | None = None
+    bounds: str = ""  # "> 0", ">= 0", ">= 1" or "[0, 1)"
+
+
+_BOUNDS = {
+    "> 0": (lambda v: v > 0, "must be a positive number"),
+    ">= 0": (lambda v: v >= 0, "must be >= 0"),
+    ">= 1": (lambda v: v >= 1, "must be >= 1"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+}
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "model": {
+        "model": Field("cifar_resnet20", "registry name (resnet_jax.models.list_models())"),
+        "num_classes": Field(0, "0: the dataset's class count", bounds=">= 0"),
+        "dtype": Field("float32", "compute dtype; parameters stay float32", DTYPES),
+        "model_overrides": Field(ml_collections.ConfigDict(),
+                                 "extra model fields, e.g. shortcut='projection'"),
+        "init_from": Field("", "a converted-weights dir or a run's workdir to start from"),
+        "freeze": Field("", "'backbone': train only the head (fc, fc_hidden; AlexNet's fc8)",
+                        FREEZE_CHOICES),
+        "cpu_kernels": Field(True, "on the CPU backend: resnet_jax.ops.cpu's layers, XLA "
+                                   "options and malloc setting (ignored on GPU/TPU)"),
+    },
+    "data": {
+        "dataset": Field("fashion_mnist", "dataset name", tuple(DATASETS)),
+        "data_source": Field("auto", "where the data comes from", DATA_SOURCES),
+        "data_dir": Field("", "tfds data_dir, or the directory of IDX files"),
+        "eval_split": Field("test", "the split evaluated after each period"),
+        "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",
+                            bounds=">= 0"),
+        "augment": Field("", "train augmentation; '': the dataset's default",
+                         ("",) + AUGMENTATIONS),
+        "channels": Field(0, "0: the dataset's; 3: grayscale repeated to RGB", (0, 1, 3)),
+        "train_subset": Field(0, ">0: train on the first N examples only", bounds=">= 0"),
+        "eval_subset": Field(0, ">0: evaluate on the first N examples only", bounds=">= 0"),
+    },
+    "optimizer": {
+        "batch_size": Field(128, "global batch, over all devices and processes", bounds="> 0"),
+        "optimizer": Field("sgd", "update rule", OPTIMIZERS),
+        "learning_rate": Field(0.1, "peak learning rate", bounds="> 0"),
+        "momentum": Field(0.9, "SGD and LARS momentum", bounds="[0, 1)"),
+        "nesterov": Field(False, "Nesterov momentum (SGD)"),
+        "adam_b1": Field(0.9, "Adam's first-moment decay", bounds="[0, 1)"),
+        "adam_b2": Field(0.999, "Adam's second-moment decay", bounds="[0, 1)"),
+        "adam_eps": Field(1e-8, "Adam's epsilon", bounds="> 0"),
+        "weight_decay": Field(1e-4, "weight decay factor", bounds=">= 0"),
+        "weight_decay_mode": Field("l2", "'l2': added to the gradient; 'decoupled': to the "
+                                         "update (Loshchilov & Hutter 2019)", WEIGHT_DECAY_MODES),
+        "weight_decay_all": Field(False, "decay biases and BatchNorm parameters too"),
+        "grad_clip": Field(0.0, ">0: clip gradients to this global norm", bounds=">= 0"),
+        "loss": Field("softmax_cross_entropy", "training and evaluation loss", tuple(LOSSES)),
+        "label_smoothing": Field(0.0, "label smoothing of the training loss", bounds="[0, 1)"),
+    },
+    "schedule": {
+        "num_epochs": Field(10, "training length in epochs (unless num_steps)", bounds="> 0"),
+        "num_steps": Field(0, ">0: training length in steps instead of num_epochs",
+                           bounds=">= 0"),
+        "schedule": Field("cosine", "learning-rate schedule", SCHEDULES),
+        "warmup_epochs": Field(0.0, "linear warm-up (cosine, piecewise)", bounds=">= 0"),
+        "lr_boundaries": Field((), "piecewise: where the learning rate is multiplied"),
+        "lr_boundaries_unit": Field("steps", "unit of lr_boundaries", BOUNDARY_UNITS),
+        "lr_decay_factor": Field(0.1, "piecewise: the multiplier at each boundary",
+                                 bounds="> 0"),
+        "onecycle_pct_start": Field(0.25, "onecycle: fraction of steps rising", bounds="[0, 1)"),
+        "onecycle_div_factor": Field(25.0, "onecycle: peak / initial rate", bounds="> 0"),
+        "onecycle_final_div_factor": Field(1e4, "onecycle: initial / final rate",
+                                           bounds="> 0"),
+        "plateau_factor": Field(0.1, "plateau: the multiplier on a plateau", bounds="> 0"),
+        "plateau_patience": Field(5, "plateau: periods without improvement", bounds=">= 0"),
+        "plateau_cooldown": Field(0, "plateau: periods to wait after a cut", bounds=">= 0"),
+        "plateau_accumulation": Field(0, "plateau: steps averaged per period; 0: one epoch",
+                                      bounds=">= 0"),
+    },
+    "devices": {
+        "parallel": Field("single", "how the step runs on devices", STRATEGIES),
+        "sync_batch_norm": Field(False, "BatchNorm statistics over all devices"),
+        "distributed": Field(False, "jax.distributed.initialize() with cluster detection"),
+        "coordinator_address": Field("", "explicit multi-process set-up: HOST:PORT"),
+        "num_processes": Field(0, "explicit multi-process set-up: process count",
+                               bounds=">= 0"),
+        "process_id": Field(-1, "explicit multi-process set-up: this process (-1: from env)"),
+    },
+    "run": {
+        "seed": Field(0, "initialisation, data order, augmentation and dropout"),
+        "eval_batch_size": Field(500, "global evaluation batch", bounds="> 0"),
+        "eval_every_epochs": Field(1, "evaluate (and checkpoint) every N epochs", bounds=">= 1"),
+        "checkpoint_every_steps": Field(0, ">0: also checkpoint every N steps", bounds=">= 0"),
+        "keep_checkpoints": Field(2, "latest checkpoints kept", bounds=">= 1"),
+        "log_every_steps": Field(20, "train metrics window (progress bar, "
+                                     "train_metrics.jsonl)", bounds=">= 1"),
+        "halt_after_steps": Field(0, ">0: save and stop at this step, as if interrupted",
+                                  bounds=">= 0"),
+        "skip_nonfinite_steps": Field(False, "skip a NaN/Inf step instead of stopping"),
+        "progress_bar": Field(True, "show a progress bar (process 0)"),
+    },
+}
+
+FIELDS: dict[str, Field] = {name: f for section in SCHEMA.values() for name, f in section.items()}
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults shared by every experiment; config files override what they need."""
-    c = ml_collections.ConfigDict()
-    # model
-    c.model = "cifar_resnet20"
-    c.num_classes = 0  # 0: the dataset's class count
-    c.dtype = "float32"
-    c.model_overrides = ml_collections.ConfigDict()  # extra model fields, e.g. shortcut
-    c.init_from = ""  # a converted-weights dir or a run's workdir to start from
-    c.freeze = ""  # "backbone": train only the head (fc, fc_hidden; AlexNet's fc8)
-    c.fast_cpu_conv = True  # CPU backend: ops.cpu_conv's convolution, ops.batch_norm, XLA options
-    # data
-    c.dataset = "fashion_mnist"
-    c.data_source = "auto"  # auto | tfds | idx
-    c.data_dir = ""  # tfds data_dir, or the directory of IDX files
-    c.eval_split = "test"
-    c.image_size = 0  # variable-size datasets (ImageNet): crop size; 0: 224
-    c.augment = ""  # "": the dataset's default
-    c.channels = 0  # 0: the dataset's; 3: grayscale repeated to RGB (ImageNet-pretrained nets)
-    c.train_subset = 0  # >0: train on the first N examples only (quick runs)
-    c.eval_subset = 0
-    # optimisation
-    c.batch_size = 128  # global batch
-    c.eval_batch_size = 500
-    c.num_epochs = 10
-    c.num_steps = 0  # >0: train this many steps instead of num_epochs epochs
-    c.optimizer = "sgd"
-    c.learning_rate = 0.1
-    c.momentum = 0.9
-    c.nesterov = False
-    c.weight_decay = 1e-4
-    c.weight_decay_mode = "l2"
-    c.weight_decay_all = False
-    c.schedule = "cosine"
-    c.warmup_epochs = 0.0
-    c.lr_boundaries = ()
-    c.lr_boundaries_unit = "steps"
-    c.lr_decay_factor = 0.1
-    c.plateau_factor = 0.1
-    c.plateau_patience = 5
-    c.plateau_cooldown = 0
-    c.plateau_accumulation = 0  # 0: one epoch of steps
-    c.label_smoothing = 0.0
-    c.grad_clip = 0.0
-    # devices and hosts
-    c.parallel = "single"  # single | pmap | sharded
-    c.sync_batch_norm = False  # BatchNorm statistics over all devices (else per device)
-    c.distributed = False  # jax.distributed.initialize() with cluster auto-detection
-    c.coordinator_address = ""  # explicit multi-process set-up (the local launcher sets these)
-    c.num_processes = 0
-    c.process_id = -1
-    # run
-    c.seed = 0
-    c.eval_every_epochs = 1
-    c.checkpoint_every_steps = 0  # 0: at every evaluation only
-    c.keep_checkpoints = 2
-    c.log_every_steps = 20
-    c.halt_after_steps = 0  # >0: save and stop at this step, as if interrupted
-    c.skip_nonfinite_steps = False  # True: a NaN/Inf step is skipped (else the run stops)
-    c.progress_bar = True
-    return c
+    """Every field at its default; experiment configs override what they need."""
+    return ml_collections.ConfigDict(
+        {name: (ml_collections.ConfigDict() if isinstance(f.default, ml_collections.ConfigDict)
+                else f.default) for name, f in FIELDS.items()})
 
 
-def total_steps(c: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
-    """Steps of the whole run: num_steps if set, else num_epochs full epochs."""
-    return c.get("num_steps", 0) or c.num_epochs * steps_per_epoch
-
-
-def _kind(value) -> str:
+def _kind(value: Any) -> str:
     if isinstance(value, bool):
         return "bool"
     if isinstance(value, (int, float)):
         return "number"
     if isinstance(value, (tuple, list)):
         return "sequence"
-    if isinstance(value, ml_collections.ConfigDict):
-        return "ConfigDict"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+        return "mapping"
     return type(value).__name__
 
 
-def _check_fields(c: ml_collections.ConfigDict) -> None:
-    """Every field is one of base_config's, with a value of its kind (ints where it has ints)."""
-    base = base_config()
-    for name in c.keys():
-        if name not in base:
-            close = __import__("difflib").get_close_matches(name, list(base.keys()), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config field {name!r}{hint}")
-        want, value = base[name], c[name]
-        if _kind(value) != _kind(want):
-            raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected "
-                             f"{_kind(want)} like the default {want!r}")
-        if isinstance(want, int) and not isinstance(want, bool) and isinstance(value, float):
-            if not value.is_integer():
-                raise ValueError(f"{name}={value!r} must be an integer")
+def unknown_field_error(name: str) -> ValueError:
+    """The error for a field the schema does not declare, with the closest declared name."""
+    close = difflib.get_close_matches(name, list(FIELDS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown config field {name!r}{hint}")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+def _check_field(name: str, value: Any) -> None:
+    f = FIELDS[name]
+    if _kind(value) != _kind(f.default):
+        raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected "
+                         f"{_kind(f.default)} like the default {f.default!r}")
+    if isinstance(f.default, int) and not isinstance(f.default, bool) and \
+            isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if f.choices is not None and value not in f.choices:
+        raise ValueError(f"{name}={value!r}; expected one of {f.choices}")
+    if f.bounds:
+        ok, message = _BOUNDS[f.bounds]
+        if not ok(value):
+            raise ValueError(f"{name}={value!r} {message}")
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Raise a ValueError naming the first field whose value cannot work."""
-    _check_fields(c)
+    for name in c.keys():
+        if name not in FIELDS:
+            raise unknown_field_error(name)
+        _check_field(name, c[name])
+    missing = sorted(set(FIELDS) - set(c.keys()))
+    if missing:
+        raise ValueError(f"config lacks field(s) {missing}; start from base_config()")
     get_spec(c.model)  # names the known models
-    _check(c.dataset in DATASETS, f"dataset={c.dataset!r} is unknown; known: {sorted(DATASETS)}")
-    _check(c.dtype in DTYPES, f"dtype={c.dtype!r}; expected one of {DTYPES}")
-    _check(c.optimizer in OPTIMIZERS, f"optimizer={c.optimizer!r}; expected one of {OPTIMIZERS}")
-    _check(c.schedule in SCHEDULES, f"schedule={c.schedule!r}; expected one of {SCHEDULES}")
-    _check(c.weight_decay_mode in WEIGHT_DECAY_MODES,
-           f"weight_decay_mode={c.weight_decay_mode!r}; expected one of {WEIGHT_DECAY_MODES}")
-    _check(c.augment in ("",) + AUGMENTATIONS,
-           f"augment={c.augment!r}; expected '' (dataset default) or one of {AUGMENTATIONS}")
-    for name in ("learning_rate", "batch_size", "eval_batch_size", "num_epochs"):
-        value = c[name]
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-               f"{name}={value!r} must be a positive number")
-    for name in ("batch_size", "eval_batch_size", "num_epochs"):
-        _check(isinstance(c[name], int), f"{name}={c[name]!r} must be an integer")
-    for name in ("weight_decay", "grad_clip", "warmup_epochs", "num_classes", "train_subset",
-                 "eval_subset", "checkpoint_every_steps", "num_steps", "halt_after_steps", "image_size"):
-        _check(c[name] >= 0, f"{name}={c[name]!r} must be >= 0")
-    _check(0 <= c.momentum < 1, f"momentum={c.momentum!r} must be in [0, 1)")
-    _check(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing!r} must be in [0, 1)")
-    _check(c.eval_every_epochs >= 1, f"eval_every_epochs={c.eval_every_epochs!r} must be >= 1")
-    _check(c.parallel in ("single", "pmap", "sharded"),
-           f"parallel={c.parallel!r}; expected one of ('single', 'pmap', 'sharded')")
-    _check(c.freeze in ("", "backbone"), f"freeze={c.freeze!r}; expected '' or 'backbone'")
-    _check(c.channels in (0, 1, 3), f"channels={c.channels!r}; expected 0 (the dataset's), 1 or 3")
-    _check(c.keep_checkpoints >= 1, f"keep_checkpoints={c.keep_checkpoints!r} must be >= 1")
-    if c.schedule == "piecewise":
-        _check(len(c.lr_boundaries) > 0, "schedule='piecewise' needs lr_boundaries")
-        _check(c.lr_boundaries_unit in ("steps", "epochs"),
-               f"lr_boundaries_unit={c.lr_boundaries_unit!r}; expected 'steps' or 'epochs'")
+    if c.schedule == "piecewise" and not len(c.lr_boundaries):
+        raise ValueError("schedule='piecewise' needs lr_boundaries")
+
+
+def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+    """A validated copy of `c` with fields replaced; unknown names are an error."""
+    for name in overrides:
+        if name not in FIELDS:
+            raise unknown_field_error(name)
+    out = ml_collections.ConfigDict(c.to_dict())
+    for name, value in overrides.items():
+        out[name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    validate_config(out)
+    return out
+
+
+def config_names() -> list[str]:
+    """The experiment configs `load_config` knows by name."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                  if not p.stem.startswith("_") and p.stem != "common")
+
+
+def load_config(path_or_name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """A validated config: the `get_config()` of a config file (a path ending in .py) or of
+    the experiment config of that name (experiments/configs/NAME.py), with fields overridden."""
+    path = Path(path_or_name)
+    if path.suffix != ".py":
+        path = CONFIG_DIR / f"{path_or_name}.py"
+        if not path.exists():
+            raise ValueError(f"no experiment config named {path_or_name!r}; known: "
+                             f"{', '.join(config_names())} (or pass a path to a .py file)")
+    elif not path.exists():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config()")
+    return with_overrides(module.get_config(), **overrides)
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run was started with (its config.json), validated."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
+    with open(path) as f:
+        values = json.load(f, object_pairs_hook=dict)
+    config = base_config()
+    config.update(_tuples(values))
+    validate_config(config)
+    return config
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+    """Every duration of a run, in steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    end_step: int  # total_steps, or halt_after_steps when that comes first
+    warmup_steps: int
+    lr_boundaries: tuple[int, ...]
+    eval_every_steps: int
+    checkpoint_every_steps: int  # 0: only at evaluations
+    plateau_accumulation: int
+
+
+def durations(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
+    """The config's durations converted to steps, with `steps_per_epoch` full batches."""
+    total = c.num_steps or c.num_epochs * steps_per_epoch
+    unit = steps_per_epoch if c.lr_boundaries_unit == "epochs" else 1
+    return Durations(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        end_step=min(total, c.halt_after_steps) if c.halt_after_steps else total,
+        warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
+        lr_boundaries=tuple(int(round(b * unit)) for b in c.lr_boundaries),
+        eval_every_steps=c.eval_every_epochs * steps_per_epoch,
+        checkpoint_every_steps=c.checkpoint_every_steps,
+        plateau_accumulation=c.plateau_accumulation or steps_per_epoch,
+    )
+
+
+def describe() -> str:
+    """The schema as text: one section a block, one field a line."""
+    lines = []
+    for section, fields in SCHEMA.items():
+        lines.append(f"[{section}]")
+        for name, f in fields.items():
+            allowed = f" {f.choices}" if f.choices else (f" ({f.bounds})" if f.bounds else "")
+            lines.append(f"  {name} = {f.default!r}{allowed}: {f.help}")
+    return "\n".join(lines)
+

@@ -46,6 +46,22 @@ def workdir_lock(workdir: str) -> Iterator[None]:
         handle.close()
 
 
+def stop_requested(stop: "StopSignal", step: int, every: int) -> bool:
+    """Whether to stop after `step`. One process: as soon as a signal arrived. Several: every
+    `every` steps, all processes agree (any one signalled), so they save the same step."""
+    import jax
+
+    if jax.process_count() == 1:
+        return stop.received is not None
+    if step % max(every, 1):
+        return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(stop.received is not None))
+    return bool(np.any(flags))
+
+
 class StopSignal:
     """Records SIGTERM / SIGINT instead of dying, so the loop can finish its step, save and
     leave. A second SIGINT while the first is pending raises KeyboardInterrupt (to force

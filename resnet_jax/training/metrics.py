@@ -1,16 +1,96 @@
-"""Where metrics go: metrics.jsonl, TensorBoard, and the plots of a finished run."""
+"""Where metrics go: running means of whatever a step returns, metrics.jsonl and
+train_metrics.jsonl, TensorBoard, the progress bar, and the plots of a finished run.
+
+Nothing here knows a metric's name: a key added to the train step's dict is averaged, shown
+and written like the others.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+import sys
+import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 
+class Mean:
+    """Running means of named scalars (every key seen, each over the values it was given)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {key: total / self.counts[key] for key, total in self.sums.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+
+class Throughput:
+    """Images per second over windows of steps, and over all windows since the last
+    `period()`; time between `restart()` and the window before it (evaluation) not counted."""
+
+    def __init__(self, batch_size: int, step: int):
+        self.batch_size = batch_size
+        self.images, self.seconds = 0, 0.0
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.start, self.step = time.perf_counter(), step
+
+    def window(self, step: int) -> float:
+        """The rate since the last window (or restart), which starts the next one."""
+        now = time.perf_counter()
+        images, seconds = (step - self.step) * self.batch_size, max(now - self.start, 1e-9)
+        self.images, self.seconds = self.images + images, self.seconds + seconds
+        self.start, self.step = now, step
+        return images / seconds
+
+    def period(self) -> float:
+        """The rate over the windows since the last call."""
+        rate = self.images / max(self.seconds, 1e-9)
+        self.images, self.seconds = 0, 0.0
+        return rate
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """A tqdm bar over steps, on stderr; refreshed every 30 s when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                file=sys.stderr)
+
+
+def show(bar, step: int, values: Mapping[str, float]) -> None:
+    """Move `bar` to `step` and show every value in its postfix."""
+    bar.update(step - bar.n)
+    bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()})
+
+
+def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The plain numbers of a record (what TensorBoard and the progress bar can show)."""
+    return {k: v for k, v in record.items()
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
+
+
 class MetricWriter:
-    """Appends one JSON object per evaluation to metrics.jsonl and mirrors it to TensorBoard."""
+    """Appends one JSON object per evaluation to metrics.jsonl and mirrors its numbers to
+    TensorBoard."""
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -24,10 +104,9 @@ class MetricWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)):
+        append_jsonl(self.path, record)
+        for key, value in scalars(record).items():
+            if key not in ("step", "epoch"):
                 self._tb.add_scalar(key, value, record["step"])
         self._tb.flush()
 
@@ -56,19 +135,17 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize_eval(sums: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Accuracy and loss from summed eval-step outputs (exact over the split)."""
+def summarize_eval(sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Means over the split from summed eval-step outputs (exact: every sum over the count),
+    the count, the confusion matrix and the per-class accuracy."""
     count = float(sums["count"])
     confusion = np.rint(np.asarray(sums["confusion"], np.float64))  # exact integer counts
-    per_class = np.diag(confusion) / np.maximum(confusion.sum(1), 1)
-    return {
-        "loss": float(sums["loss"]) / count,
-        "top1": float(sums["top1"]) / count,
-        "top5": float(sums["top5"]) / count,
-        "count": int(round(count)),
-        "per_class_accuracy": per_class.tolist(),
-        "confusion": confusion.astype(np.int64),
-    }
+    out: dict[str, Any] = {key: float(value) / count for key, value in sums.items()
+                           if key not in ("count", "confusion")}
+    out["count"] = int(round(count))
+    out["per_class_accuracy"] = (np.diag(confusion) / np.maximum(confusion.sum(1), 1)).tolist()
+    out["confusion"] = confusion.astype(np.int64)
+    return out
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str) -> None:

@@ -69,16 +69,16 @@ def _check_divisible(global_batch: int, devices: int, what: str) -> None:
 
 def make_strategy(name: str, make_train: Callable[[str | None], Callable],
                   make_eval: Callable[[str | None], Callable], global_batch: int,
-                  eval_batch: int, compiler_options: dict | None = None,
-                  eval_compiler_options: dict | None = None) -> Strategy:
+                  eval_batch: int, jit_options: Callable[[str], dict | None] | None = None
+                  ) -> Strategy:
     """Map the per-device steps built by `make_train(axis_name)` / `make_eval(axis_name)`.
 
-    `compiler_options` (train step) and `eval_compiler_options` (eval step; default: the
-    train step's) go to `jax.jit` (single, sharded); `jax.pmap` takes none.
+    `jit_options("train")` and `jit_options("eval")` are the steps' `jax.jit` compiler
+    options (single, sharded; `jax.pmap` takes none).
     """
-    jit = functools.partial(jax.jit, compiler_options=compiler_options)
-    jit_eval = functools.partial(jax.jit, compiler_options=(
-        compiler_options if eval_compiler_options is None else eval_compiler_options))
+    options = jit_options or (lambda step: None)
+    jit = functools.partial(jax.jit, compiler_options=options("train"))
+    jit_eval = functools.partial(jax.jit, compiler_options=options("eval"))
     if name not in STRATEGIES:
         raise ValueError(f"parallel={name!r}; expected one of {STRATEGIES}")
     if name == "single":

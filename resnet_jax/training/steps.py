@@ -13,20 +13,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from resnet_jax.training.losses import Loss
 from resnet_jax.training.optim import current_learning_rate
 from resnet_jax.training.state import TrainState
 
 Metrics = dict[str, jax.Array]
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
-                  ) -> jax.Array:
-    """Per-example softmax cross-entropy in float32, with optional label smoothing."""
-    logits = logits.astype(jnp.float32)
-    num_classes = logits.shape[-1]
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing) \
-        if label_smoothing else jax.nn.one_hot(labels, num_classes)
-    return optax.softmax_cross_entropy(logits, targets)
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
@@ -45,10 +36,14 @@ def _sum(x, axis_name: str | None):
 
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
-                    label_smoothing: float = 0.0, axis_name: str | None = None,
+                    loss_fn: Loss, axis_name: str | None = None,
                     skip_nonfinite: bool = False, frozen_backbone: bool = False
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
-    """train_step(state, batch, rng) -> (state, metrics) for `model` and optimizer `tx`.
+    """train_step(state, batch, rng) -> (state, metrics) for `model`, optimizer `tx` and
+    per-example `loss_fn(logits, labels)`.
+
+    `metrics` is a dict of scalars, averaged over devices; the loop logs every key it holds
+    (a new metric is one more entry here). `finite` is the one key the loop acts on.
 
     The dropout key is `fold_in(rng, step)` (and the device index when mapped), so a run
     resumed at step s draws the same dropout masks as an uninterrupted one. With
@@ -64,7 +59,7 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         if axis_name:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
 
-        def loss_fn(params):
+        def objective(params):
             variables = {"params": params, "batch_stats": state.batch_stats}
             if frozen_backbone:
                 logits = model.apply(variables, batch["image"], train=False)
@@ -72,10 +67,10 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
             else:
                 logits, updates = model.apply(variables, batch["image"], train=True,
                                               mutable=["batch_stats"], rngs={"dropout": key})
-            loss = jnp.mean(cross_entropy(logits, batch["label"], label_smoothing))
+            loss = jnp.mean(loss_fn(logits, batch["label"]))
             return loss, (logits, updates.get("batch_stats", state.batch_stats))
 
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params)
         grads = _mean(grads, axis_name)
         loss = _mean(loss, axis_name)
@@ -86,11 +81,13 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         batch_stats = _mean(batch_stats, axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
         metrics = {
             "loss": loss,
             "accuracy": _mean(jnp.mean(topk_correct(logits, batch["label"], 1)), axis_name),
             "learning_rate": current_learning_rate(schedule, state.opt_state, state.step),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+            "grad_norm": grad_norm,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
         }
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
@@ -105,10 +102,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     return train_step
 
 
-def make_eval_step(model, num_classes: int, axis_name: str | None = None
+def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None
                    ) -> Callable[[TrainState, dict], Metrics]:
-    """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch:
-    loss, top-1 and top-5 hits, count, and the confusion matrix (true x predicted)."""
+    """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch: loss,
+    top-1 and top-5 hits (`accuracy`, `top5_accuracy`), `count`, and the `confusion` matrix
+    (true x predicted). Every key but those two is a sum to divide by the count."""
 
     def eval_step(state: TrainState, batch: dict) -> Metrics:
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -119,9 +117,9 @@ def make_eval_step(model, num_classes: int, axis_name: str | None = None
         confusion = jnp.einsum("ni,nj->ij", jax.nn.one_hot(labels, num_classes) * mask[:, None],
                                jax.nn.one_hot(predicted, num_classes))
         sums = {
-            "loss": jnp.sum(cross_entropy(logits, labels) * mask),
-            "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
-            "top5": jnp.sum(topk_correct(logits, labels, 5) * mask),
+            "loss": jnp.sum(loss_fn(logits, labels) * mask),
+            "accuracy": jnp.sum(topk_correct(logits, labels, 1) * mask),
+            "top5_accuracy": jnp.sum(topk_correct(logits, labels, 5) * mask),
             "count": jnp.sum(mask),
             "confusion": confusion,
         }

@@ -18,8 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import optax
 from flax.core import unfreeze
-
-from resnet_jax.convert.common import flat, unflat
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 log = logging.getLogger("resnet_jax")
 
@@ -94,14 +93,30 @@ def load_pretrained(directory: str) -> dict[str, Any]:
         "python -m experiments.convert_weights) nor a run's checkpoints/")
 
 
+def init_from_pretrained(state: Any, tx: optax.GradientTransformation, directory: str) -> Any:
+    """The train state with the pretrained variables of `directory` put in (the rules of
+    `merge_pretrained`) and a fresh optimizer state for them."""
+    import jax
+    import jax.numpy as jnp
+
+    merged, fresh_head = merge_pretrained(
+        {"params": state.params, "batch_stats": state.batch_stats}, load_pretrained(directory),
+        f"init_from={directory!r}")
+    log.info("initialised from %s%s", directory,
+             f"; head re-initialised: {', '.join(fresh_head)}" if fresh_head else "")
+    params = jax.tree.map(jnp.asarray, merged["params"])
+    return state.replace(params=params, batch_stats=jax.tree.map(jnp.asarray, merged["batch_stats"]),
+                         opt_state=tx.init(params))
+
+
 def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
                      source: str = "init_from") -> tuple[dict[str, Any], list[str]]:
     """The fresh variables with every pretrained tensor put in, and the head tensors that kept
     their fresh initialisation. ValueError naming any other missing, extra or misshapen one."""
     out, reinitialised = {}, []
     for collection in ("params", "batch_stats"):
-        mine = flat(unfreeze(fresh.get(collection, {})))
-        theirs = flat(unfreeze(pretrained.get(collection, {})))
+        mine = flatten_dict(unfreeze(fresh.get(collection, {})))
+        theirs = flatten_dict(unfreeze(pretrained.get(collection, {})))
         extra = sorted(p for p in theirs if p not in mine and not is_head(p))
         if extra:
             raise ValueError(f"{source} has {collection}/{'/'.join(extra[0])}, which the model "
@@ -124,5 +139,5 @@ def merge_pretrained(fresh: Mapping[str, Any], pretrained: Mapping[str, Any],
                 raise ValueError(f"{source}: {name} has shape {new.shape}, the model's is "
                                  f"{tuple(np.shape(value))}")
             merged[path] = new.astype(np.asarray(value).dtype)
-        out[collection] = unflat(merged)
+        out[collection] = unflatten_dict(merged)
     return out, reinitialised

@@ -1,9 +1,9 @@
 """Train the same few steps under two device layouts and report how far apart they end.
 
-    python -m experiments.layout_agreement --steps 3 --seed 0 \
+    python -m benchmarks.layout_agreement --steps 3 --seed 0 \
         --layouts 1x4:sharded 2x2:pmap
 
-Each layout is PROCESSESxDEVICES:STRATEGY, run through `experiments.launch` on the main
+Each layout is PROCESSESxDEVICES:STRATEGY, run by `python -m experiments.launch` on the main
 job's config (synchronised BatchNorm, batch 32, constant learning rate 0.05, 256 training
 images). Prints, for each pair of layouts, the largest difference over all parameters
 relative to each leaf's largest entry, and the leaf where it occurs. Layouts that split the
@@ -17,12 +17,11 @@ import argparse
 import itertools
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
 import numpy as np
-
-from experiments.launch import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,8 +78,10 @@ def main(argv=None) -> None:
             name = f"{processes}x{devices}:{strategy}"
             print(f"training {name} for {args.steps} steps", flush=True)
             workdir = os.path.join(tmp, str(i))
-            code = launch(processes, devices, train_args(workdir, strategy, args.steps,
-                                                         args.seed))
+            code = subprocess.call(
+                [sys.executable, "-m", "experiments.launch", "--num-processes", str(processes),
+                 "--devices-per-process", str(devices), "--",
+                 *train_args(workdir, strategy, args.steps, args.seed)], cwd=ROOT)
             if code != 0:
                 sys.exit(f"layout {name} exited with {code}")
             params[name] = final_params(workdir)

@@ -100,7 +100,7 @@ def test_model_gradients_match_with_flax_pool(name):
     kwargs = {"hidden": 64} if name == "alexnet_owt" else {}
     x = _tied_inputs(shape, seed=3)
     ref = get_model(name, num_classes=10, **kwargs)
-    ours = ref.clone(max_pool=max_pool)
+    ours = ref.clone(pool=max_pool)
     variables = ref.init(jax.random.key(0), x)
 
     def loss(model, params):

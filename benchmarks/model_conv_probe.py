@@ -2,7 +2,7 @@
 convolutions and with oneDNN's (ops.dnnl_conv), side by side in one process: which shapes
 each back-end runs faster.
 
-    python -m experiments.model_conv_probe --model fashion_mnist_resnet50
+    python -m benchmarks.model_conv_probe --model fashion_mnist_resnet50
 
 Prints, per shape, how often the model has it, the median milliseconds of each back-end
 (forward, input gradient and weight gradient in one jitted call) and their ratio.
@@ -23,7 +23,7 @@ def conv_shapes(model_name: str) -> list[tuple[tuple, int]]:
     import jax
     from jax import lax
 
-    from experiments.speed_suite import SUITE
+    from benchmarks.speed_suite import SUITE
     from resnet_jax.models import get_model, get_spec
 
     shape, batch = {m: (s, b) for m, s, b in SUITE}[model_name]
@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from resnet_jax.ops import cpu_conv
+    from resnet_jax.ops import cpu, cpu_conv
 
-    options = cpu_conv.compiler_options("cpu")
+    options = cpu.jit_options("train")
     hooks = {"xla": cpu_conv.xla_conv_general_dilated, "onednn": cpu_conv.conv_general_dilated}
     rng = np.random.default_rng(0)
     total = {name: 0.0 for name in hooks}

@@ -4,13 +4,15 @@ kernel sizes, paddings, groups and dtypes."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from resnet_jax.ops import cpu_conv
+from resnet_jax.ops import cpu, cpu_conv
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -43,7 +45,7 @@ def both(kernel, stride, padding, groups, dtype, cin=8, cout=8, size=15, batch=3
     ref = jax.value_and_grad(loss(lax.conv_general_dilated), argnums=(0, 1), has_aux=True)(x, w)
     new = jax.jit(jax.value_and_grad(loss(hook), argnums=(0, 1),
                                      has_aux=True),
-                  compiler_options=cpu_conv.compiler_options("cpu"))(x, w)
+                  compiler_options=cpu.jit_options("train"))(x, w)
     return ref, new
 
 
@@ -112,7 +114,7 @@ def test_a_model_with_the_cpu_conv_has_the_gradients_of_the_plain_model():
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     y = jnp.arange(4)
     plain = get_model("fashion_mnist_resnet8")
-    fast = get_model("fashion_mnist_resnet8", conv_general_dilated=cpu_conv.conv_general_dilated)
+    fast = get_model("fashion_mnist_resnet8", **cpu.layers())
     variables = plain.init(jax.random.key(1), x)
 
     def grads(model):
@@ -142,7 +144,7 @@ def _conv_lines(compiled_text: str) -> list[str]:
 
 def test_compiler_options_keep_convolutions_out_of_ynnpack():
     """The weight gradient of a 64-channel conv goes to YNNPACK by default on XLA:CPU (17x
-    slower there, cpu_speed_log.md); with COMPILER_OPTIONS every convolution is Eigen's
+    slower there, cpu_speed_log.md); with the train options every convolution is Eigen's
     (where the oneDNN convolutions are not available)."""
     x = jnp.ones((8, 16, 16, 64))
     w = jnp.ones((3, 3, 64, 64))
@@ -153,26 +155,53 @@ def test_compiler_options_keep_convolutions_out_of_ynnpack():
             ** 2))(w)
 
     default = jax.jit(f).lower(x, w).compile().as_text()
-    tuned = jax.jit(f, compiler_options=cpu_conv.compiler_options("cpu")).lower(x, w).compile()
+    tuned = jax.jit(f, compiler_options=cpu.jit_options("train")).lower(x, w).compile()
     tuned = tuned.as_text()
     assert any("__ynn_fusion" in l for l in _conv_lines(default))
     assert not any("__ynn_fusion" in l for l in _conv_lines(tuned))
     assert any("convolution(" in l for l in _conv_lines(tuned))
 
 
-def test_the_cpu_path_is_cpu_only(monkeypatch):
-    from resnet_jax.training import loop
+def test_the_layers_and_options_are_a_drop_in_set_on_the_cpu_only(monkeypatch):
+    from flax import linen as nn
+
+    from resnet_jax.ops.batch_norm import BatchNorm
+    from resnet_jax.ops.max_pool import max_pool
+
+    layers = cpu.layers()
+    assert set(layers) == {"conv", "norm", "pool"}
+    assert layers["conv"].func is nn.Conv
+    assert layers["conv"].keywords == {"conv_general_dilated": cpu_conv.conv_general_dilated}
+    assert layers["norm"] is BatchNorm and layers["pool"] is max_pool
+    train, evaluate = cpu.jit_options("train"), cpu.jit_options("eval")
+    assert "REDUCE" in train["xla_cpu_experimental_ynn_fusion_type"]
+    assert "REDUCE" not in evaluate["xla_cpu_experimental_ynn_fusion_type"]
+    with pytest.raises(ValueError, match="step='predict'; expected one of"):
+        cpu.jit_options("predict")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cpu.layers() == {} and cpu.jit_options("train") is None
+
+
+def test_the_engine_takes_them_under_its_switch(monkeypatch):
+    from resnet_jax.training import experiment
     from resnet_jax.training.config import base_config
 
     c = base_config()
     c.model = "fashion_mnist_resnet8"
-    assert cpu_conv.compiler_options("gpu") is None and cpu_conv.compiler_options("tpu") is None
-    assert loop.build_model(c, 10).conv_general_dilated is cpu_conv.conv_general_dilated
-    assert loop.compiler_options(c) == cpu_conv.COMPILER_OPTIONS
-    assert loop.compiler_options(c, "eval") == cpu_conv.EVAL_COMPILER_OPTIONS
+    assert experiment.build_model(c, 10).conv.keywords["conv_general_dilated"] \
+        is cpu_conv.conv_general_dilated
+    assert experiment.jit_options(c) is cpu.jit_options
+    c.cpu_kernels = False
+    assert experiment.build_model(c, 10).conv is nn_conv() and experiment.jit_options(c) is None
+    c.cpu_kernels = True
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert loop.build_model(c, 10).conv_general_dilated is None
-    assert loop.compiler_options(c) is None
+    assert experiment.build_model(c, 10).conv is nn_conv() and experiment.jit_options(c) is None
+
+
+def nn_conv():
+    from flax import linen as nn
+
+    return nn.Conv
 
 
 def _convs_inside_ynn_fusions(hlo: str) -> int:
@@ -193,14 +222,18 @@ def test_eval_steps_keep_convolutions_out_of_ynnpack_fusions():
     from resnet_jax.training.steps import make_eval_step
     import optax
 
-    model = get_model("mnist_preact_resnet",
-                      conv_general_dilated=cpu_conv.xla_conv_general_dilated)
+    from flax import linen as nn
+
+    from resnet_jax.training.losses import softmax_cross_entropy
+
+    conv = functools.partial(nn.Conv, conv_general_dilated=cpu_conv.xla_conv_general_dilated)
+    model = get_model("mnist_preact_resnet", conv=conv)
     state = create_train_state(model, optax.sgd(0.1), jax.random.key(0), (28, 28, 1))
     batch = {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros(32, jnp.int32)}
-    step = make_eval_step(model, 10)
+    step = make_eval_step(model, 10, softmax_cross_entropy)
 
     def hlo(options):
         return jax.jit(step, compiler_options=options).lower(state, batch).compile().as_text()
 
-    assert _convs_inside_ynn_fusions(hlo(cpu_conv.COMPILER_OPTIONS)) > 0
-    assert _convs_inside_ynn_fusions(hlo(cpu_conv.compiler_options("cpu", "eval"))) == 0
+    assert _convs_inside_ynn_fusions(hlo(cpu.jit_options("train"))) > 0
+    assert _convs_inside_ynn_fusions(hlo(cpu.jit_options("eval"))) == 0

@@ -2,7 +2,7 @@
 `nn.max_pool` against `ops.max_pool` (the CPU path's), compiled with the train step's CPU
 options and timed interleaved in one process.
 
-    python -m experiments.pool_probe [--repeats 9]
+    python -m benchmarks.pool_probe [--repeats 9]
 
 Prints milliseconds (median of the repeats) and the ratio for each shape.
 """
@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     from flax import linen as nn
 
-    from resnet_jax.ops import cpu_conv
+    from resnet_jax.ops import cpu, cpu_conv
     from resnet_jax.ops.max_pool import max_pool
 
-    options = cpu_conv.compiler_options()
+    options = cpu.jit_options("train")
     print(f"{'pool':24s} {'input':20s} {'fwd flax':>9s} {'fwd ops':>9s} "
           f"{'f+b flax':>9s} {'f+b ops':>9s} {'f+b speed-up':>12s}")
     for where, shape, window, strides, padding in SHAPES:

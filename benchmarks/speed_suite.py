@@ -1,7 +1,15 @@
-"""resnet_jax against PyTorch on the CPU: train- and eval-step throughput, time to the first
+"""resnet_jax against a peer on the CPU: train- and eval-step throughput, time to the first
 step and peak memory for a fixed suite of models, measured in one run, side by side.
 
     python -m experiments.benchmark --against torch [--models a,b] [--repeats 5] [--rounds 3]
+    python -m experiments.benchmark --against user  [--models a,b] ...
+
+Peers: "torch", the same architectures in PyTorch (benchmarks/torch_peers.py); "user", a train
+step written as a user of the library writes one (`get_model(name, **ops.cpu.layers())`,
+optax, `jax.jit(..., compiler_options=ops.cpu.jit_options("train"))`, no engine code), to show
+that the CPU kernels' speed is not the engine's alone. Every process first applies the CPU
+kernels' malloc setting (`ops.cpu.retain_freed_memory`, as experiments.train does), so the
+sides differ only in their steps.
 
 Each (model, framework) pair runs in a fresh process so that peak memory (max RSS) is its
 own, `--rounds` times with the two frameworks in alternating order: this VM's speed drifts by
@@ -20,8 +28,8 @@ import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "experiments", "results")
 
 # model, input (H, W, C), batch
 SUITE = [
@@ -50,32 +58,29 @@ def _timed(fn, repeats: int, warmup: int) -> tuple[float, float]:
 
 
 def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
+    """The training engine's single-device steps (its jit options, state donated)."""
     import jax
     import numpy as np
 
     from resnet_jax.models import get_spec
-    from resnet_jax.training import loop
-    from resnet_jax.training.config import base_config
+    from resnet_jax.training import experiment
+    from resnet_jax.training.config import base_config, durations
     from resnet_jax.training.optim import make_optimizer
-    from resnet_jax.training.parallel import make_strategy
     from resnet_jax.training.state import create_train_state
-    from resnet_jax.training.steps import make_eval_step, make_train_step
 
     spec = get_spec(model_name)
     c = base_config()
     c.model, c.schedule, c.momentum = model_name, "constant", 0.9
-    model = loop.build_model(c, spec.num_classes)
-    tx, schedule = make_optimizer(c, 1000)
+    c.batch_size, c.eval_batch_size = batch, batch
+    model = experiment.build_model(c, spec.num_classes)
+    tx, schedule = make_optimizer(c, durations(c, 1000))
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(model, tx, jax.random.key(0),
                                                                   shape)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     rng = np.random.default_rng(0)
     batch_data = {"image": jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32)),
                   "label": jax.device_put(rng.integers(0, spec.num_classes, batch).astype(np.int32))}
-    # The training engine's single-device strategy: its jit options, state donated.
-    strategy = make_strategy("single", lambda axis: make_train_step(model, tx, schedule),
-                             lambda axis: make_eval_step(model, spec.num_classes), batch, batch,
-                             loop.compiler_options(c), loop.compiler_options(c, "eval"))
+    strategy = experiment.make_steps(c, model, spec.num_classes, tx, schedule)
     train, evaluate = strategy.train_step, strategy.eval_step
     key = jax.random.key(1)
     holder = {"state": state}
@@ -90,10 +95,63 @@ def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
     return {"params": params, "first_step_s": first, "train_step_s": train_s, "eval_step_s": eval_s}
 
 
+def run_user(model_name, shape, batch, repeats, warmup) -> dict:
+    """A train step as a user writes one: the zoo model with the CPU layers, optax SGD with
+    momentum and weight decay, `jax.jit` with the CPU options; nothing of the engine."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from resnet_jax import get_model
+    from resnet_jax.models import get_spec
+    from resnet_jax.ops import cpu
+
+    num_classes = get_spec(model_name).num_classes
+    model = get_model(model_name, **cpu.layers())
+    key = jax.random.key(0)
+    variables = jax.jit(model.init)({"params": key, "dropout": key}, jnp.zeros((1, *shape)))
+    params, batch_stats = variables["params"], variables.get("batch_stats", {})
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
+    opt_state = tx.init(params)
+
+    def train_step(params, batch_stats, opt_state, x, y, rng):
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats}, x,
+                                          train=True, mutable=["batch_stats"],
+                                          rngs={"dropout": rng})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates.get("batch_stats", batch_stats)
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+    step = jax.jit(train_step, donate_argnums=(0, 1, 2),
+                   compiler_options=cpu.jit_options("train"))
+    predict = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x).argmax(-1),
+                      compiler_options=cpu.jit_options("eval"))
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, num_classes, batch).astype(np.int32))
+    holder = {"state": (params, batch_stats, opt_state)}
+    count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+    def train_once():
+        *state, loss = step(*holder["state"], x, y, key)
+        holder["state"] = tuple(state)
+        jax.block_until_ready(loss)
+
+    first, train_s = _timed(train_once, repeats, warmup)
+    _, eval_s = _timed(lambda: jax.block_until_ready(predict(*holder["state"][:2], x)),
+                       repeats, warmup)
+    return {"params": count, "first_step_s": first, "train_step_s": train_s, "eval_step_s": eval_s}
+
+
 def run_torch(model_name, shape, batch, repeats, warmup, threads) -> dict:
     import torch
 
-    from experiments.torch_peers import PEERS
+    from benchmarks.torch_peers import PEERS
     from resnet_jax.models import get_spec
 
     torch.set_num_threads(threads)
@@ -123,9 +181,14 @@ def run_torch(model_name, shape, batch, repeats, warmup, threads) -> dict:
 
 
 def worker(framework, model_name, repeats, warmup, threads) -> dict:
+    from resnet_jax.ops.cpu import retain_freed_memory
+
+    retain_freed_memory()  # before JAX or PyTorch start, as experiments.train does
     shape, batch = next((s, b) for m, s, b in SUITE if m == model_name)
     if framework == "jax":
         out = run_jax(model_name, shape, batch, repeats, warmup)
+    elif framework == "user":
+        out = run_user(model_name, shape, batch, repeats, warmup)
     else:
         out = run_torch(model_name, shape, batch, repeats, warmup, threads)
     out.update(framework=framework, model=model_name, batch=batch, input_shape=list(shape),
@@ -137,7 +200,7 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
 
 def _run_worker(framework, model_name, repeats, warmup, threads) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "experiments.speed_suite", framework, model_name,
+    cmd = [sys.executable, "-m", "benchmarks.speed_suite", framework, model_name,
            str(repeats), str(warmup), str(threads)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -155,32 +218,56 @@ def _median_record(records: list[dict]) -> dict:
     return out
 
 
-def run_suite(models, repeats, warmup, threads, rounds: int = 3) -> list[dict]:
-    """Each model: `rounds` pairs of fresh processes, the two frameworks in alternating order
-    (JAX first in odd rounds, PyTorch first in even ones) so that a drift in the machine's
-    speed does not favour either. The ratio is the median of the per-round ratios."""
+def run_suite(models, repeats, warmup, threads, rounds: int = 3,
+              pair: tuple[str, str] = ("jax", "torch")) -> list[dict]:
+    """Each model: `rounds` pairs of fresh processes, the two sides of `pair` in alternating
+    order (the first side first in odd rounds) so that a drift in the machine's speed does not
+    favour either. The ratio (first / second) is the median of the per-round ratios."""
+    a, b = pair
     rows = []
     for model_name in models:
-        runs = {"jax": [], "torch": []}
+        runs: dict[str, list[dict]] = {a: [], b: []}
         for r in range(rounds):
-            for framework in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+            for framework in (a, b) if r % 2 == 0 else (b, a):
                 result = _run_worker(framework, model_name, repeats, warmup, threads)
                 runs[framework].append(result)
                 print(f"{model_name:24s} round {r + 1} {framework:5s} train "
                       f"{result['train_images_per_s']:8.1f} img/s  eval "
                       f"{result['eval_images_per_s']:8.1f} img/s", flush=True)
-        if runs["jax"][0]["params"] != runs["torch"][0]["params"]:
+        if runs[a][0]["params"] != runs[b][0]["params"]:
             raise RuntimeError(f"{model_name}: parameter counts differ "
-                               f"({runs['jax'][0]['params']} vs {runs['torch'][0]['params']})")
-        ratios = {kind: [j[f"{kind}_images_per_s"] / t[f"{kind}_images_per_s"]
-                         for j, t in zip(runs["jax"], runs["torch"])] for kind in ("train", "eval")}
-        rows.append({"model": model_name, "jax": _median_record(runs["jax"]),
-                     "torch": _median_record(runs["torch"]),
+                               f"({runs[a][0]['params']} vs {runs[b][0]['params']})")
+        ratios = {kind: [x[f"{kind}_images_per_s"] / y[f"{kind}_images_per_s"]
+                         for x, y in zip(runs[a], runs[b])] for kind in ("train", "eval")}
+        rows.append({"model": model_name, a: _median_record(runs[a]), b: _median_record(runs[b]),
                      "train_ratio": statistics.median(ratios["train"]),
                      "eval_ratio": statistics.median(ratios["eval"]),
                      "train_ratio_rounds": ratios["train"], "eval_ratio_rounds": ratios["eval"],
                      "rounds": runs})
     return rows
+
+
+def markdown_user(rows, meta) -> str:
+    """The user's step against the engine's, one model a row."""
+    lines = [f"A plain `jax.jit` + optax train step with `ops.cpu.layers()` and "
+             f"`ops.cpu.jit_options()` against the training engine's step on the CPU "
+             f"({meta['cpu']}, {meta['threads']} threads, float32; JAX {meta['jax']}), "
+             f"{meta['date']}. Median of {meta['repeats']} timed steps after warm-up, in each of "
+             f"{meta['rounds']} rounds of fresh processes (sides in alternating order); ratio = "
+             "user / engine (median of the per-round ratios).", "",
+             "| model | batch | params | train img/s user | train img/s engine | train ratio | "
+             "eval img/s user | eval img/s engine | eval ratio | train ratio per round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        u, e = r["user"], r["jax"]
+        lines.append(f"| {r['model']} | {u['batch']} | {u['params']:,} | "
+                     f"{u['train_images_per_s']:.1f} | {e['train_images_per_s']:.1f} | "
+                     f"{r['train_ratio']:.2f} | {u['eval_images_per_s']:.1f} | "
+                     f"{e['eval_images_per_s']:.1f} | {r['eval_ratio']:.2f} | "
+                     + ", ".join(f"{x:.2f}" for x in r["train_ratio_rounds"]) + " |")
+    worst = min(rows, key=lambda r: r["train_ratio"])
+    lines += ["", f"Lowest train ratio: {worst['train_ratio']:.2f} ({worst['model']})."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows, meta) -> str:
@@ -209,32 +296,43 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(models=None, repeats=5, warmup=2, threads=None, rounds=3, out_dir=RESULTS) -> int:
-    import jax
-    import torch
+USER_SUITE = ("cifar_resnet20", "resnet18", "alexnet_owt")
 
+
+def main(models=None, repeats=5, warmup=2, threads=None, rounds=3, out_dir=RESULTS,
+         peer: str = "torch") -> int:
+    """Run the suite against `peer` ("torch" or "user") and write its JSON and table."""
+    import jax
+
+    if peer not in ("torch", "user"):
+        raise ValueError(f"peer={peer!r}; expected 'torch' or 'user'")
     threads = threads or os.cpu_count()
-    names = models or [m for m, _, _ in SUITE]
+    names = models or ([m for m, _, _ in SUITE] if peer == "torch" else list(USER_SUITE))
     unknown = [m for m in names if m not in {n for n, _, _ in SUITE}]
     if unknown:
         raise ValueError(f"models {unknown} are not in the suite; expected some of "
                          f"{[n for n, _, _ in SUITE]}")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: expected at least 1")
-    rows = run_suite(names, repeats, warmup, threads, rounds)
+    pair = ("jax", "torch") if peer == "torch" else ("user", "jax")
+    rows = run_suite(names, repeats, warmup, threads, rounds, pair)
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": threads, "jax": jax.__version__, "torch": torch.__version__,
-            "repeats": repeats, "rounds": rounds}
+            "threads": threads, "jax": jax.__version__, "repeats": repeats, "rounds": rounds}
+    if peer == "torch":
+        import torch
+
+        meta["torch"] = torch.__version__
     try:
         meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                            if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    name = "cpu_vs_torch" if peer == "torch" else "user_vs_engine"
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "cpu_vs_torch.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    table = markdown(rows, meta)
-    with open(os.path.join(out_dir, "cpu_vs_torch.md"), "w") as f:
+    table = markdown(rows, meta) if peer == "torch" else markdown_user(rows, meta)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)
     return 0

@@ -6,7 +6,7 @@ rest of the CPU path on in both, both compiled in one process and timed interlea
 the machine's noise hits both alike.
 Also checks that one step from the same state gives the same loss and parameters.
 
-    python -m experiments.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
+    python -m benchmarks.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
 
 Prints the median step time and images/s of each, and their ratio.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from flax import linen as nn
 
-    from experiments.speed_suite import SUITE
+    from benchmarks.speed_suite import SUITE
     from resnet_jax.models import get_spec
-    from resnet_jax.ops import cpu_conv
+    from resnet_jax.ops import cpu, cpu_conv
     from resnet_jax.ops.batch_norm import BatchNorm
     from resnet_jax.ops.max_pool import max_pool
-    from resnet_jax.training import loop
-    from resnet_jax.training.config import base_config
+    from resnet_jax.training import experiment
+    from resnet_jax.training.config import base_config, durations
+    from resnet_jax.training.losses import get_loss
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.state import create_train_state
     from resnet_jax.training.steps import make_train_step
@@ -55,20 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     key = jax.random.key(1)
     variants = {"batch_norm": (("nn.BatchNorm", nn.BatchNorm), ("ops.batch_norm", BatchNorm)),
                 "max_pool": (("nn.max_pool", nn.max_pool), ("ops.max_pool", max_pool)),
-                "conv": (("xla conv", cpu_conv.xla_conv_general_dilated),
-                         ("oneDNN conv", cpu_conv.conv_general_dilated))}
-    field = {"conv": "conv_general_dilated"}.get(args.op, args.op)
+                "conv": (("xla conv", functools.partial(
+                             nn.Conv, conv_general_dilated=cpu_conv.xla_conv_general_dilated)),
+                         ("oneDNN conv", functools.partial(
+                             nn.Conv, conv_general_dilated=cpu_conv.conv_general_dilated)))}
+    field = {"batch_norm": "norm", "max_pool": "pool"}.get(args.op, args.op)
     steps, states = {}, {}
     for name, layer in variants[args.op]:
-        model = loop.build_model(c, spec.num_classes)
+        model = experiment.build_model(c, spec.num_classes)
         if field not in {f.name for f in dataclasses.fields(model)}:
             parser.error(f"--op {args.op}: model {args.model!r} has no {field!r} field")
         model = model.clone(**{field: layer})
-        tx, schedule = make_optimizer(c, 1000)
+        tx, schedule = make_optimizer(c, durations(c, 1000))
         state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
             model, tx, jax.random.key(0), shape)
-        steps[name] = jax.jit(make_train_step(model, tx, schedule),
-                              compiler_options=loop.compiler_options(c)).lower(
+        steps[name] = jax.jit(make_train_step(model, tx, schedule, get_loss(c.loss)),
+                              compiler_options=cpu.jit_options("train")).lower(
             state, data, key).compile()
         states[name] = state
 

@@ -1,7 +1,7 @@
 """One 3x3 convolution (+ BatchNorm + ReLU) forward and backward, resnet_jax's CPU path
 against PyTorch (channels-last), in one process: where a model's gap to PyTorch comes from.
 
-    python -m experiments.conv_probe --batch 128 --size 32 --channels 16
+    python -m benchmarks.conv_probe --batch 128 --size 32 --channels 16
 
 Prints milliseconds (median of 7 after 2 warm-up calls). Needs requirements-bench.txt.
 """
@@ -14,7 +14,7 @@ import numpy as np
 
 
 def median_ms(fn, repeats: int = 7) -> float:
-    from experiments.speed_suite import _timed
+    from benchmarks.speed_suite import _timed
 
     return _timed(fn, repeats, warmup=1)[1] * 1000
 
@@ -44,9 +44,9 @@ def jax_times(batch: int, size: int, channels: int) -> dict[str, float]:
     import jax.numpy as jnp
     from jax import lax
 
-    from resnet_jax.ops import cpu_conv
+    from resnet_jax.ops import cpu, cpu_conv
 
-    options = cpu_conv.compiler_options()
+    options = cpu.jit_options("train")
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))
     g = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))

@@ -115,8 +115,8 @@ def test_resnet_train_step_gradients_match():
     """A whole CIFAR ResNet-20 loss: the drop-in gives autodiff's gradients and statistics."""
     x = _inputs((8, 32, 32, 3), seed=6)
     labels = jnp.arange(8) % 10
-    models = {name: get_model("cifar_resnet20", num_classes=10, batch_norm=cls)
-              for name, cls in (("flax", None), ("ours", BatchNorm))}
+    models = {name: get_model("cifar_resnet20", num_classes=10, norm=cls)
+              for name, cls in (("flax", nn.BatchNorm), ("ours", BatchNorm))}
     variables = init_variables(models["flax"], (32, 32, 3))
     out = {}
     for name, model in models.items():
@@ -131,3 +131,14 @@ def test_resnet_train_step_gradients_match():
     chex.assert_trees_all_close(stats, stats_ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
         _rel_close(a, b, 1e-4)
+
+
+def test_sync_bn_with_the_cpu_batch_norm_matches_one_device_flax_bn(tmp_path):
+    """ops.batch_norm's backward pass with statistics synchronised over 4 devices (pmap and
+    jit-sharded) trains the same 3 steps as nn.BatchNorm on one device."""
+    from conftest import assert_close, by_strategy, run_worker
+
+    ours = run_worker(tmp_path, 4, ["pmap", "sharded"], True, ops_bn=True)
+    single = by_strategy(run_worker(tmp_path, 4, ["single"], True), "single")
+    for strategy in ("pmap", "sharded"):
+        assert_close(by_strategy(ours, strategy), single, rtol=2e-5)

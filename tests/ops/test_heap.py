@@ -12,10 +12,10 @@ from conftest import ROOT
 
 STEP_FAULTS = """
 import resource
-import resnet_jax  # applies (or not) the heap settings before JAX starts
+from resnet_jax.ops import heap
+heap.retain_freed_memory()  # as the entry points do, before JAX starts
 import jax, jax.numpy as jnp
 from resnet_jax.models import get_model
-from resnet_jax.ops import heap
 model = get_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1, 1))
 x = jnp.ones((64, 32, 32, 3))
 v = jax.jit(model.init)(jax.random.key(0), x)

@@ -1,0 +1,156 @@
+"""From a validated config to the pieces of a run: data sources, model, optimizer, durations,
+and the steps mapped by a strategy. Nothing is trained here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from resnet_jax.data import pipeline
+from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source, subset
+from resnet_jax.data.transforms import to_rgb
+from resnet_jax.models import get_model, get_spec
+from resnet_jax.training import steps, transfer
+from resnet_jax.training.config import Durations, durations, validate_config
+from resnet_jax.training.losses import get_loss
+from resnet_jax.training.optim import make_optimizer
+from resnet_jax.training.parallel import Strategy, make_strategy
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built from the config (no training done yet)."""
+
+    config: ml_collections.ConfigDict
+    info: DatasetInfo
+    train_source: Any
+    eval_source: Any
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    model: Any
+    tx: Any
+    schedule: Any
+    durations: Durations
+
+
+def cpu_kernels(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config's switch turns on resnet_jax.ops.cpu (CPU backend only)."""
+    return config.cpu_kernels and jax.default_backend() == "cpu"
+
+
+def jit_options(config: ml_collections.ConfigDict) -> Callable[[str], dict | None] | None:
+    """`step kind -> jax.jit compiler options` for the steps, or None."""
+    if not cpu_kernels(config):
+        return None
+    from resnet_jax.ops import cpu
+
+    return cpu.jit_options
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The registry model of the config: compute dtype, overrides, synchronised BatchNorm
+    and, under the `cpu_kernels` switch, the CPU backend's layers."""
+    overrides = dict(config.model_overrides.to_dict())
+    overrides["dtype"] = jnp.dtype(config.dtype)
+    fields = {f.name for f in dataclasses.fields(get_spec(config.model).cls)}
+    if config.sync_batch_norm and config.parallel != "single":
+        if "axis_name" not in fields:
+            raise ValueError(f"sync_batch_norm=True but model {config.model!r} has no BatchNorm")
+        overrides["axis_name"] = "data"
+    if cpu_kernels(config):
+        from resnet_jax.ops import cpu
+
+        layers = cpu.layers()
+        # Not with statistics synchronised over devices: there, ops.batch_norm on 2x2 devices
+        # over processes disagreed with one device by 1e-3 relative in the stem BN's bias
+        # after one step (nn.BatchNorm's agree to 1e-5); docs/cpu_speed_log.md sections 11, 15.
+        if overrides.get("axis_name") is not None:
+            layers.pop("norm", None)
+        overrides = {**layers, **overrides}
+    return get_model(config.model, num_classes=num_classes, **overrides)
+
+
+def image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) of the model's input: the dataset's, or the crop size, and `channels`."""
+    info = DATASETS[config.dataset]
+    size = config.image_size or 224
+    shape = info.image_shape or (size, size, 3)
+    if config.channels and config.channels != shape[-1]:
+        if shape[-1] != 1 or config.channels != 3:
+            raise ValueError(f"channels={config.channels}: {config.dataset} images have "
+                             f"{shape[-1]} channel(s); only 1 -> 3 is supported")
+        shape = (*shape[:-1], 3)
+    return shape
+
+
+def check_input_shape(model, name: str, shape: tuple[int, ...]) -> None:
+    """Trace the model on `shape` without running it; a ValueError names a shape it cannot take."""
+    try:
+        jax.eval_shape(model.init, {"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                       jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    except Exception as err:  # noqa: BLE001 - any failure here is a shape mismatch
+        raise ValueError(f"model {name!r} cannot take images of shape {shape}: {err}") from err
+
+
+def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
+    """A split of the config's dataset as the model sees it: its first `n` examples (all when
+    0), grayscale repeated to RGB when `channels=3` asks for it."""
+    source = subset(load_source(config.dataset, split, config.data_dir or None,
+                                config.data_source), n)
+    shape = image_shape(config)
+    if isinstance(source, ArraySource):
+        if source.images.shape[-1] != shape[-1]:
+            source = ArraySource(to_rgb(source.images), source.labels)
+        if source.images.shape[1:] != shape:
+            raise ValueError(f"{config.dataset} images have shape {source.images.shape[1:]}, "
+                             f"expected {shape}")
+    return source
+
+
+def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
+    """Validate the config, load the data, build model and optimizer."""
+    validate_config(config)
+    info = DATASETS[config.dataset]
+    num_classes = config.num_classes or info.num_classes
+    model = build_model(config, num_classes)
+    shape = image_shape(config)
+    check_input_shape(model, config.model, shape)  # before any data is read
+    train_source = load_split(config, "train", config.train_subset) if load_train else None
+    eval_source = load_split(config, config.eval_split, config.eval_subset)
+    n_train = len(train_source) if train_source is not None else config.batch_size
+    d = durations(config, pipeline.steps_per_epoch(n_train, config.batch_size))
+    tx, schedule = make_optimizer(config, d)
+    if config.freeze == "backbone":
+        tx = transfer.freeze_backbone(tx)
+    return Experiment(config, info, train_source, eval_source, shape, num_classes, model, tx,
+                      schedule, d)
+
+
+def build_strategy(exp: Experiment) -> Strategy:
+    """The experiment's train and eval steps, mapped by the config's strategy."""
+    return make_steps(exp.config, exp.model, exp.num_classes, exp.tx, exp.schedule)
+
+
+def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedule) -> Strategy:
+    """The engine's train and eval steps for `model` and optimizer `tx`, mapped by the
+    config's strategy and compiled with its options."""
+    loss = get_loss(c.loss, c.label_smoothing)
+    return make_strategy(
+        c.parallel,
+        lambda axis: steps.make_train_step(model, tx, schedule, loss, axis,
+                                           c.skip_nonfinite_steps, c.freeze == "backbone"),
+        # evaluation reports the loss without label smoothing
+        lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
+        c.batch_size, c.eval_batch_size, jit_options(c))
+
+
+def run_identity(exp: Experiment) -> dict[str, Any]:
+    """The fields a checkpoint must share with the run that resumes it."""
+    c = exp.config
+    return {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
+            "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
+            "seed": int(c.seed)}

@@ -1,0 +1,149 @@
+"""A trained run read back from its workdir, for notebooks and scripts: its config, model,
+variables and history, predictions on raw images, evaluation on a split, feature maps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source
+from resnet_jax.data.transforms import center_crop, normalize, to_rgb
+from resnet_jax.training import experiment, metrics
+from resnet_jax.training.checkpoint import Checkpointer
+from resnet_jax.training.config import run_config
+from resnet_jax.training.evaluation import evaluate
+from resnet_jax.training.losses import get_loss
+from resnet_jax.training.state import TrainState
+from resnet_jax.training.steps import make_eval_step
+
+WHICH = ("best", "latest")
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training run left in its workdir, ready to use.
+
+    Attributes:
+      workdir: the run directory.
+      config: the config it was trained with (config.json).
+      model: the flax module, as the run built it.
+      variables: {"params", "batch_stats"} of the checkpoint `which` (NumPy arrays).
+      history: one record per evaluation (metrics.jsonl).
+      step: the step of the checkpoint.
+      which: "best" (highest test accuracy) or "latest".
+    """
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    model: Any
+    variables: dict[str, Any]
+    history: list[dict[str, Any]]
+    step: int
+    which: str
+
+    @classmethod
+    def load(cls, workdir: str, which: str = "best") -> "Run":
+        """The run in `workdir` at its best or latest intact checkpoint."""
+        if which not in WHICH:
+            raise ValueError(f"which={which!r}; expected one of {WHICH}")
+        config = run_config(workdir)
+        info = DATASETS[config.dataset]
+        model = experiment.build_model(config, config.num_classes or info.num_classes)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        try:
+            restored = ckpt.restore_checked(None, which)
+        finally:
+            ckpt.close()
+        if restored is None:
+            raise FileNotFoundError(f"no {which} checkpoint under {workdir}/checkpoints")
+        state = restored.state
+        variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+        return cls(workdir, config, model, variables, metrics.read_metrics(workdir),
+                   restored.step, which)
+
+    @property
+    def info(self) -> DatasetInfo:
+        """What the pipeline knows of the run's dataset (class names, mean, std...)."""
+        return DATASETS[self.config.dataset]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        n = self.config.num_classes or self.info.num_classes
+        names = self.info.class_names
+        return names if len(names) == n else tuple(str(i) for i in range(n))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the model's input."""
+        return experiment.image_shape(self.config)
+
+    def load_split(self, split: str = "test") -> ArraySource:
+        """The raw images (uint8, the dataset's shape) and labels of a split."""
+        return load_source(self.config.dataset, split, self.config.data_dir or None,
+                           self.config.data_source)
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """Raw uint8 images (N, H, W, C) as the model sees them: channels repeated to RGB
+        where the run did that, centre-cropped for variable-size datasets, normalised."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (N, H, W, C), got {images.dtype} "
+                             f"{images.shape}")
+        shape = self.image_shape
+        if self.info.image_shape is None:
+            images = np.stack([center_crop(im, shape[0]) for im in images])
+        elif images.shape[1:3] != shape[:2] or images.shape[-1] not in (1, shape[-1]):
+            raise ValueError(f"images of shape {images.shape[1:]}; this run takes "
+                             f"{self.info.image_shape}")
+        if images.shape[-1] != shape[-1]:
+            images = to_rgb(images)
+        return normalize(images, self.info.mean, self.info.std)
+
+    def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities (N, classes) for raw uint8 images of the dataset's shape."""
+        x = self.preprocess(images)
+        size = batch_size or self.config.eval_batch_size
+        out = [np.asarray(self._probabilities(self.variables, x[i:i + size]))
+               for i in range(0, len(x), size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    def evaluate(self, split: str = "test") -> dict[str, Any]:
+        """Loss, accuracy, top-5 accuracy, per-class accuracy and the confusion matrix over
+        every example of `split`."""
+        source = experiment.load_split(self.config, split)
+        state = TrainState(step=jnp.asarray(self.step, jnp.int32),
+                           params=self.variables["params"],
+                           batch_stats=self.variables["batch_stats"], opt_state={})
+        return evaluate(self._eval_step, state, source, self.info, self.config.eval_batch_size,
+                        self.config.image_size or None)
+
+    def feature_maps(self, images: np.ndarray, module: str) -> np.ndarray:
+        """The output of submodule `module` (e.g. "layer2_0", "conv1") for raw images."""
+        x = jnp.asarray(self.preprocess(images))
+        _, state = self.model.apply(
+            self.variables, x, capture_intermediates=lambda m, _: m.name == module,
+            mutable=["intermediates"])
+        found = state["intermediates"].get(module)
+        if found is None:
+            names = sorted(self.variables["params"])
+            raise ValueError(f"no top-level module {module!r}; modules: {', '.join(names)}")
+        return np.asarray(found["__call__"][0])
+
+    @functools.cached_property
+    def _probabilities(self):
+        options = experiment.jit_options(self.config)
+        return jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x)),
+                       compiler_options=options("eval") if options else None)
+
+    @functools.cached_property
+    def _eval_step(self):
+        step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss))
+        options = experiment.jit_options(self.config)
+        return jax.jit(step, compiler_options=options("eval") if options else None)

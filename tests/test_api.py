@@ -1,0 +1,169 @@
+"""The public Python API (load_config, train, Run) on real Fashion-MNIST; a metric added to
+the train step reaching every output; the loss chosen by the config; a user's own step."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import resnet_jax
+from conftest import ROOT
+from resnet_jax import Run, load_config
+
+
+def quick(**overrides):
+    fields = dict(train_subset=1024, eval_subset=500, num_epochs=2, batch_size=64,
+                  eval_batch_size=250, progress_bar=False)
+    return load_config("fashion_mnist", **{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("api") / "run")
+    return workdir, resnet_jax.train(quick(), workdir)
+
+
+def test_load_config_by_name_or_path_with_overrides():
+    by_name = load_config("fashion_mnist", num_epochs=3, augment="none")
+    by_path = load_config(os.path.join(ROOT, "experiments", "configs", "fashion_mnist.py"))
+    assert by_name.num_epochs == 3 and by_name.augment == "none"
+    assert by_path.model == by_name.model == "fashion_mnist_resnet8" and by_path.num_epochs == 8
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: load_config("fashion_mnist", num_epoch=3),
+     "unknown config field 'num_epoch'; did you mean 'num_epochs'?"),
+    (lambda: load_config("fashion_mnist", optimizer="rmsprop"),
+     r"optimizer='rmsprop'; expected one of \('sgd', 'adam', 'adamw', 'lars'\)"),
+    (lambda: load_config("fashion_mnist", loss="hinge"),
+     r"loss='hinge'; expected one of \('softmax_cross_entropy', 'sigmoid_cross_entropy'\)"),
+    (lambda: load_config("fashion_mnist", momentum=1.5), r"momentum=1.5 must be in \[0, 1\)"),
+    (lambda: load_config("fashion_mnist", batch_size=0.5), "batch_size=0.5 must be an integer"),
+    (lambda: load_config("fashoin_mnist"), "no experiment config named 'fashoin_mnist'; known: "),
+])
+def test_load_config_names_the_bad_field_and_what_is_allowed(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_train_from_python_writes_the_run_and_resumes_it(trained):
+    workdir, record = trained
+    assert record["step"] == 32 and record["test_count"] == 500 and record["test_accuracy"] > 0.5
+    again = resnet_jax.train(quick(), workdir)  # finished: resumes at the end, trains nothing
+    assert again["step"] == 32 and again["test_accuracy"] == record["test_accuracy"]
+    assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == 2
+    assert os.path.exists(os.path.join(workdir, "plots", "curves.png"))
+
+
+def test_run_load_gives_config_model_variables_and_history(trained):
+    workdir, record = trained
+    run = Run.load(workdir)
+    assert run.config.model == "fashion_mnist_resnet8" and run.which == "best"
+    assert [r["epoch"] for r in run.history] == [1, 2]
+    assert max(r["test_accuracy"] for r in run.history) == run.history[run.step // 16 - 1][
+        "test_accuracy"]
+    assert set(run.variables) == {"params", "batch_stats"}
+    assert run.variables["params"]["fc"]["kernel"].shape == (128, 10)
+    assert Run.load(workdir, "latest").step == 32
+    with pytest.raises(ValueError, match="which='newest'; expected one of"):
+        Run.load(workdir, "newest")
+    with pytest.raises(FileNotFoundError, match="is .* a training run directory"):
+        Run.load(os.path.dirname(workdir))
+
+
+def test_predict_takes_raw_images_and_agrees_with_evaluate(trained):
+    run = Run.load(trained[0])
+    split = run.load_split("test")
+    assert split.images.dtype == np.uint8 and split.images.shape == (10_000, 28, 28, 1)
+    probabilities = run.predict(split.images)
+    assert probabilities.shape == (10_000, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-5)
+    result = run.evaluate("test")
+    assert result["count"] == 10_000 and result["confusion"].sum() == 10_000
+    correct = np.argmax(probabilities, 1) == split.labels
+    # two differently compiled programs (softmax of a batch vs the eval step's sums): a
+    # near-tie between two classes may round either way for an image or two
+    assert abs(correct.mean() - result["accuracy"]) <= 2e-4
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        run.predict(split.images.astype(np.float32))
+    with pytest.raises(ValueError, match=r"images of shape \(32, 32, 1\); this run takes"):
+        run.predict(np.zeros((2, 32, 32, 1), np.uint8))
+
+
+def test_feature_maps_of_a_block(trained):
+    run = Run.load(trained[0])
+    images = run.load_split("test").images[:4]
+    maps = run.feature_maps(images, "layer2_0")
+    assert maps.shape == (4, 7, 7, 64)  # 28 -> 14 (stem stride 2) -> 7 (stage 2), 64 channels
+    assert np.all(maps >= 0)  # a block ends in a ReLU
+    with pytest.raises(ValueError, match="no top-level module 'layer9_0'; modules: "):
+        run.feature_maps(images, "layer9_0")
+
+
+def test_a_metric_added_to_the_train_step_reaches_metrics_jsonl_and_tensorboard(
+        monkeypatch, tmp_path):
+    from resnet_jax.training import steps
+
+    make = steps.make_train_step
+
+    def with_extra(*args, **kwargs):
+        step = make(*args, **kwargs)
+
+        def train_step(state, batch, rng):
+            state, metrics = step(state, batch, rng)
+            return state, {**metrics, "extra": jnp.float32(2.5)}  # the one-line addition
+        return train_step
+
+    monkeypatch.setattr(steps, "make_train_step", with_extra)
+    workdir = str(tmp_path / "run")
+    resnet_jax.train(quick(num_epochs=1, train_subset=256), workdir)
+    record = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+    assert record["train_extra"] == 2.5
+    window = json.loads(open(os.path.join(workdir, "train_metrics.jsonl")).readline())
+    assert window["extra"] == 2.5
+    (events,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert b"train_extra" in open(events, "rb").read()
+
+
+def test_the_loss_is_chosen_by_the_config():
+    from resnet_jax.training import experiment, losses
+    from resnet_jax.training.state import create_train_state
+
+    c = quick(loss="sigmoid_cross_entropy", schedule="constant", cpu_kernels=False)
+    model = experiment.build_model(c, 10)
+    tx = optax.sgd(0.1)
+    strategy = experiment.make_steps(c, model, 10, tx, optax.constant_schedule(0.1))
+    state = create_train_state(model, tx, jax.random.key(0), (28, 28, 1))
+    batch = {"image": jax.random.normal(jax.random.key(1), (64, 28, 28, 1)),
+             "label": jnp.arange(64, dtype=jnp.int32) % 10}
+    logits, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                            batch["image"], train=True, mutable=["batch_stats"])
+    _, metrics = strategy.train_step(state, batch, jax.random.key(2))
+    expected = jnp.mean(losses.sigmoid_cross_entropy(logits, batch["label"]))
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    softmax = jnp.mean(losses.softmax_cross_entropy(logits, batch["label"]))
+    assert abs(float(expected) - float(softmax)) > 0.1
+
+
+def test_a_plain_jit_step_of_a_zoo_model_has_no_custom_calls():
+    """Without the CPU layers, a user's step is plain XLA (the kernels are opt-in)."""
+    model = resnet_jax.get_model("cifar_resnet20")
+    x, y = jnp.zeros((8, 32, 32, 3)), jnp.zeros(8, jnp.int32)
+    variables = model.init(jax.random.key(0), x)
+
+    def step(params):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                train=True, mutable=["batch_stats"])
+        return jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
+                        mutable=["batch_stats"])[0], y).mean())(params), logits
+
+    hlo = jax.jit(step).lower(variables["params"]).as_text()
+    assert "convolution" in hlo and "custom_call" not in hlo

@@ -1,0 +1,192 @@
+"""The shape of the code: importing the library has no side effects, packages import only
+what is below them, and every config field is declared once and read."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+NO_SIDE_EFFECTS = r"""
+import ctypes, json, os, signal, subprocess, threading
+# third-party libraries first: only resnet_jax's own import is watched
+import jax, flax, optax, orbax.checkpoint, ml_collections, numpy, tqdm
+calls = []
+class WatchedCDLL(ctypes.CDLL):
+    def __getattr__(self, name):
+        calls.append(f"ctypes:{name}")
+        return super().__getattr__(name)
+ctypes.CDLL = WatchedCDLL
+load_library = ctypes.cdll.LoadLibrary
+ctypes.cdll.LoadLibrary = lambda path: calls.append(f"load:{path}") or load_library(path)
+popen_init = subprocess.Popen.__init__
+def watched_popen(self, args, *a, **k):
+    calls.append(f"popen:{args}")
+    return popen_init(self, args, *a, **k)
+subprocess.Popen.__init__ = watched_popen
+env = dict(os.environ)
+handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
+threads = threading.active_count()
+import importlib, pkgutil, resnet_jax
+names = [m.name for m in pkgutil.walk_packages(resnet_jax.__path__, "resnet_jax.")]
+for name in names:
+    importlib.import_module(name)
+from jax._src import xla_bridge
+print(json.dumps({
+    "modules": names, "calls": calls, "backends": list(xla_bridge._backends),
+    "env_changed": sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k)),
+    "handlers_changed": handlers != [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)],
+    "new_threads": threading.active_count() - threads}))
+"""
+
+
+def test_importing_every_module_starts_no_compiler_and_changes_no_process_setting():
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", NO_SIDE_EFFECTS], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "resnet_jax.ops.cpu" in seen["modules"] and "resnet_jax.training.loop" in seen["modules"]
+    assert seen["calls"] == []  # no mallopt, no library loaded, no g++ started
+    assert seen["backends"] == []  # no XLA client (and so no compiler) created
+    assert seen["env_changed"] == [] and not seen["handlers_changed"]
+    assert seen["new_threads"] == 0
+
+
+# --- the import graph -----------------------------------------------------------------------
+
+# What each package may import (besides itself). Lazy imports inside functions count too.
+ALLOWED = {
+    "resnet_jax.models": set(),
+    "resnet_jax.data": set(),
+    "resnet_jax.ops": set(),
+    "resnet_jax.convert": {"resnet_jax.models"},
+    "resnet_jax.training": {"resnet_jax.models", "resnet_jax.data", "resnet_jax.convert",
+                            "resnet_jax.ops"},
+    "resnet_jax": {"resnet_jax.models", "resnet_jax.training"},
+    "benchmarks": {"resnet_jax"},
+    "experiments": {"resnet_jax", "benchmarks"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "resnet_jax" and len(parts) > 1 and parts[1] in (
+            "models", "data", "ops", "convert", "training"):
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+def _module_name(path: str) -> str:
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def import_graph() -> dict[str, set[str]]:
+    """package -> the project packages its modules import."""
+    graph: dict[str, set[str]] = {}
+    for top in ("resnet_jax", "experiments", "benchmarks"):
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in (n for n in files if n.endswith(".py")):
+                path = os.path.join(root, name)
+                targets = graph.setdefault(_package(_module_name(path)), set())
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Import):
+                        names = [a.name for a in node.names]
+                    elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                        names = [node.module]
+                    else:
+                        continue
+                    targets |= {_package(n) for n in names if n.split(".")[0] in TOPS}
+    return graph
+
+
+TOPS = ("resnet_jax", "experiments", "benchmarks")
+
+
+def _allowed(package: str, target: str) -> bool:
+    return target == package or any(target == a or target.startswith(a + ".")
+                                    for a in ALLOWED[package])
+
+
+def test_packages_import_only_what_is_below_them():
+    graph = import_graph()
+    assert set(graph) == set(ALLOWED)
+    for package, targets in graph.items():
+        above = sorted(t for t in targets if not _allowed(package, t))
+        assert not above, f"{package} imports {above}"
+
+
+def test_no_import_cycle_between_packages():
+    graph = {p: {t for t in ts if t != p} for p, ts in import_graph().items()}
+    visiting, done = set(), set()
+
+    def visit(node, path):
+        assert node not in visiting, f"import cycle: {' -> '.join(path + [node])}"
+        if node in done:
+            return
+        visiting.add(node)
+        for nxt in graph.get(node, ()):
+            visit(nxt, path + [node])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_the_loop_is_one_story_of_at_most_250_lines():
+    with open(os.path.join(ROOT, "resnet_jax", "training", "loop.py")) as f:
+        assert len(f.read().splitlines()) <= 250
+
+
+# --- the config -------------------------------------------------------------------------------
+
+def _sources(*tops: str) -> str:
+    text = []
+    for top in tops:
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
+            text += [open(os.path.join(root, n)).read() for n in files if n.endswith(".py")]
+    return "\n".join(text)
+
+
+def test_every_declared_config_field_is_read():
+    from resnet_jax.training.config import FIELDS
+
+    code = _sources("resnet_jax", "experiments").replace(
+        open(os.path.join(ROOT, "resnet_jax", "training", "config.py")).read(), "")
+    unread = [name for name in FIELDS
+              if not re.search(rf"(config|\bc)\.{name}\b|[\"']{name}[\"']", code)]
+    assert not unread, f"declared but never read: {unread}"
+
+
+def test_every_config_field_has_a_section_type_and_meaning():
+    from resnet_jax.training.config import FIELDS, SCHEMA, base_config, describe
+
+    names = [n for section in SCHEMA.values() for n in section]
+    assert len(names) == len(set(names)) == len(FIELDS)  # each field declared once
+    assert set(base_config().keys()) == set(FIELDS)
+    text = describe()
+    assert all(f"[{section}]" in text for section in SCHEMA)
+    assert all(f.help for f in FIELDS.values())
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--config.num_epoch=3", "unknown config field 'num_epoch'; did you mean 'num_epochs'?"),
+    ("--config.lerning_rate=0.1", "did you mean 'learning_rate'?"),
+])
+def test_an_unknown_field_on_the_command_line_is_a_clean_error(tmp_path, argument, message):
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                          os.path.join(ROOT, "experiments", "configs", "fashion_mnist.py"),
+                          "--workdir", str(tmp_path / "run"), argument],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not os.path.exists(tmp_path / "run")
