@@ -8,8 +8,8 @@ Peers: "torch", the same architectures in PyTorch (benchmarks/torch_peers.py); "
 step written as a user of the library writes one (`get_model(name, **ops.cpu.layers())`,
 optax, `jax.jit(..., compiler_options=ops.cpu.jit_options("train"))`, no engine code), to show
 that the CPU kernels' speed is not the engine's alone. Every process first applies the CPU
-kernels' malloc setting (`ops.cpu.retain_freed_memory`, as experiments.train does), so the
-sides differ only in their steps.
+kernels' malloc setting (`experiment.apply_process_settings`, as experiments.train does), so
+the sides differ only in their steps.
 
 Each (model, framework) pair runs in a fresh process so that peak memory (max RSS) is its
 own, `--rounds` times with the two frameworks in alternating order: this VM's speed drifts by
@@ -181,9 +181,9 @@ def run_torch(model_name, shape, batch, repeats, warmup, threads) -> dict:
 
 
 def worker(framework, model_name, repeats, warmup, threads) -> dict:
-    from resnet_jax.ops.cpu import retain_freed_memory
+    from resnet_jax.training import config, experiment
 
-    retain_freed_memory()  # before JAX or PyTorch start, as experiments.train does
+    experiment.apply_process_settings(config.base_config())  # as experiments.train does
     shape, batch = next((s, b) for m, s, b in SUITE if m == model_name)
     if framework == "jax":
         out = run_jax(model_name, shape, batch, repeats, warmup)

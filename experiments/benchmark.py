@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         if args.platform == "cpu":
-            from resnet_jax.ops.cpu import retain_freed_memory
+            from resnet_jax.training import config, experiment
 
-            retain_freed_memory()  # as experiments.train does, before JAX starts
+            experiment.apply_process_settings(config.base_config())  # as experiments.train
         result = measure(args.model, args.parallel, args.batch_per_device * counts[0],
                          args.steps, args.warmup, _parse_shape(args.input_shape), args.sync_bn)
         print("RESULT " + json.dumps(result))

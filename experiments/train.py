@@ -20,6 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from resnet_jax.training import config as config_lib
+from resnet_jax.training import experiment
+from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.training.checkpoint import CheckpointError
 from resnet_jax.training.guard import WorkdirBusyError
 
@@ -43,23 +45,13 @@ def unknown_overrides(argv: list[str]) -> list[str]:
     return errors
 
 
-def apply_process_settings(config) -> None:
-    """Process-wide settings that go with the config, made before JAX starts: the CPU
-    kernels' malloc setting under their switch."""
-    if config.cpu_kernels:
-        from resnet_jax.ops.cpu import retain_freed_memory
-
-        retain_freed_memory()
-
-
 def main(argv):
     del argv
     sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach logs as they happen
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     config = flags.FLAGS.config
-    apply_process_settings(config)
-    from resnet_jax.training.loop import train_and_evaluate  # after the settings above
+    experiment.apply_process_settings(config)  # before JAX starts
 
     try:
         record = train_and_evaluate(config, flags.FLAGS.workdir)

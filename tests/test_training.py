@@ -86,7 +86,7 @@ def test_every_config_builds_its_model_optimizer_and_schedule(name):
 
 @pytest.mark.parametrize("field,value,message", [
     ("model", "resnet19", "unknown model 'resnet19'"),
-    ("dataset", "imagenet21k", "dataset='imagenet21k' is unknown"),
+    ("dataset", "imagenet21k", "dataset='imagenet21k'; expected one of"),
     ("learning_rate", -0.1, "learning_rate=-0.1 must be a positive number"),
     ("batch_size", 0, "batch_size=0 must be a positive number"),
     ("optimizer", "rmsprop", "optimizer='rmsprop'"),

@@ -31,7 +31,7 @@ def get_config():
     c.lr_boundaries = (30, 60, 80)
     c.lr_boundaries_unit = "epochs"
     c.augment = "inception"
-    c.fast_cpu_conv = False
+    c.cpu_kernels = False
     c.log_every_steps = 100
     c.checkpoint_every_steps = 5000
     return c

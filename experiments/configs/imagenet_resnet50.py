@@ -32,7 +32,7 @@ def get_config():
     c.warmup_epochs = 5.0
     c.augment = "inception"
     c.dtype = "bfloat16"
-    c.fast_cpu_conv = False
+    c.cpu_kernels = False
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2000
     return c

@@ -12,12 +12,12 @@ which needs only the layer's input (the convolution output, in memory anyway), t
 statistics and one fused reduction of (dy, dy * x). The forward pass is `nn.BatchNorm`'s
 formula, operation for operation (fast variance E[x^2] - E[x]^2 clipped at 0, statistics in
 float32); gradients agree with autodiff of `nn.BatchNorm` to float32 rounding
-(tests/test_batch_norm.py), with `axis_name` (statistics synchronised over a mapped axis)
+(tests/ops/test_batch_norm.py), with `axis_name` (statistics synchronised over a mapped axis)
 included.
 
 `BatchNorm` is a drop-in `nn.BatchNorm` for the zoo's models (same arguments, parameter and
-statistic names); `training.loop.build_model` selects it on the CPU backend together with
-`ops.cpu_conv`. In inference mode it is `nn.BatchNorm`'s computation unchanged.
+statistic names); `ops.cpu.layers()` offers it as the models' `norm`, together with
+`ops.cpu_conv`'s convolution. In inference mode it is `nn.BatchNorm`'s computation unchanged.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ Here:
 
 Gradients equal autodiff of `nn.max_pool` exactly for non-overlapping windows and to float
 rounding where windows overlap (an input that is the maximum of several windows sums their
-gradients in another order); tests/test_max_pool.py checks both, ties included.
+gradients in another order); tests/ops/test_max_pool.py checks both, ties included.
 
 `max_pool` takes `nn.max_pool`'s arguments; inputs it does not cover (not NHWC 4-D, not
-floating point) go to `nn.max_pool` unchanged. `training.loop.build_model` selects it on the
-CPU backend together with `ops.cpu_conv` and `ops.batch_norm`.
+floating point) go to `nn.max_pool` unchanged. `ops.cpu.layers()` offers it as the models'
+`pool`, together with `ops.cpu_conv`'s convolution and `ops.batch_norm`.
 """
 
 from __future__ import annotations

@@ -204,7 +204,12 @@ def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collect
             raise unknown_field_error(name)
     out = ml_collections.ConfigDict(c.to_dict())
     for name, value in overrides.items():
-        out[name] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            value = ml_collections.ConfigDict(value)
+        _check_field(name, value)  # before ConfigDict's own type check, to name the field
+        default = FIELDS[name].default
+        out[name] = int(value) if isinstance(default, int) and not isinstance(
+            default, bool) and isinstance(value, float) else value
     validate_config(out)
     return out
 

@@ -42,6 +42,16 @@ def cpu_kernels(config: ml_collections.ConfigDict) -> bool:
     return config.cpu_kernels and jax.default_backend() == "cpu"
 
 
+def apply_process_settings(config: ml_collections.ConfigDict) -> None:
+    """Process-wide settings that go with the config, for entry points to make first thing
+    (before JAX starts its CPU client): the CPU kernels' malloc setting, under their switch.
+    Importing resnet_jax never does this."""
+    if config.cpu_kernels:
+        from resnet_jax.ops import cpu
+
+        cpu.retain_freed_memory()
+
+
 def jit_options(config: ml_collections.ConfigDict) -> Callable[[str], dict | None] | None:
     """`step kind -> jax.jit compiler options` for the steps, or None."""
     if not cpu_kernels(config):

@@ -99,7 +99,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 log.warning("step %d: non-finite loss or gradient, update skipped", k)
                 continue
             window.add(values)
-        period.add(window.result())
+            period.add(values)
         line = {**window.result(), "images_per_second": speed.window(step)}
         metrics.show(bar, step, line)
         if chief:

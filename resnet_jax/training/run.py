@@ -130,7 +130,7 @@ class Run:
         _, state = self.model.apply(
             self.variables, x, capture_intermediates=lambda m, _: m.name == module,
             mutable=["intermediates"])
-        found = state["intermediates"].get(module)
+        found = state.get("intermediates", {}).get(module)
         if found is None:
             names = sorted(self.variables["params"])
             raise ValueError(f"no top-level module {module!r}; modules: {', '.join(names)}")
