@@ -247,52 +247,48 @@ def run_suite(models, repeats, warmup, threads, rounds: int = 3,
     return rows
 
 
-def markdown_user(rows, meta) -> str:
-    """The user's step against the engine's, one model a row."""
-    lines = [f"A plain `jax.jit` + optax train step with `ops.cpu.layers()` and "
-             f"`ops.cpu.jit_options()` against the training engine's step on the CPU "
-             f"({meta['cpu']}, {meta['threads']} threads, float32; JAX {meta['jax']}), "
-             f"{meta['date']}. Median of {meta['repeats']} timed steps after warm-up, in each of "
-             f"{meta['rounds']} rounds of fresh processes (sides in alternating order); ratio = "
-             "user / engine (median of the per-round ratios).", "",
-             "| model | batch | params | train img/s user | train img/s engine | train ratio | "
-             "eval img/s user | eval img/s engine | eval ratio | train ratio per round |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        u, e = r["user"], r["jax"]
-        lines.append(f"| {r['model']} | {u['batch']} | {u['params']:,} | "
-                     f"{u['train_images_per_s']:.1f} | {e['train_images_per_s']:.1f} | "
-                     f"{r['train_ratio']:.2f} | {u['eval_images_per_s']:.1f} | "
-                     f"{e['eval_images_per_s']:.1f} | {r['eval_ratio']:.2f} | "
-                     + ", ".join(f"{x:.2f}" for x in r["train_ratio_rounds"]) + " |")
-    worst = min(rows, key=lambda r: r["train_ratio"])
-    lines += ["", f"Lowest train ratio: {worst['train_ratio']:.2f} ({worst['model']})."]
-    return "\n".join(lines) + "\n"
+LABELS = {("jax", "torch"): ("JAX", "torch"), ("user", "jax"): ("user", "engine")}
 
 
-def markdown(rows, meta) -> str:
-    lines = [f"resnet_jax vs PyTorch {meta['torch']} on the CPU ({meta['cpu']}, {meta['threads']} "
-             f"threads, float32; JAX {meta['jax']}), {meta['date']}. Median of {meta['repeats']} "
-             f"timed steps after warm-up, in each of {meta['rounds']} rounds of fresh processes "
-             "(frameworks in alternating order); figures are medians over the rounds, ratio = "
-             "resnet_jax / PyTorch (median of the per-round ratios; the rounds' train ratios in "
-             "the last column).", "",
-             "| model | batch | params | train img/s JAX | train img/s torch | train ratio | "
-             "eval img/s JAX | eval img/s torch | eval ratio | first step JAX (s) | "
-             "first step torch (s) | peak RSS JAX (MiB) | peak RSS torch (MiB) | train ratio per round |",
+def _intro(meta, pair) -> str:
+    common = (f"({meta['cpu']}, {meta['threads']} threads, float32; JAX {meta['jax']}), "
+              f"{meta['date']}. Median of {meta['repeats']} timed steps after warm-up, in each of "
+              f"{meta['rounds']} rounds of fresh processes (the two sides in alternating order); "
+              "figures are medians over the rounds, ratio = ")
+    if pair == ("jax", "torch"):
+        return (f"resnet_jax vs PyTorch {meta['torch']} on the CPU {common}resnet_jax / PyTorch "
+                "(median of the per-round ratios; the rounds' train ratios in the last column).")
+    return ("A plain `jax.jit` + optax train step with `ops.cpu.layers()` and "
+            "`ops.cpu.jit_options()` against the training engine's step on the CPU "
+            f"{common}user / engine (median of the per-round ratios; the rounds' train ratios "
+            "in the last column).")
+
+
+def markdown(rows, meta, pair: tuple[str, str] = ("jax", "torch")) -> str:
+    """The suite's table: both sides' throughput, first step and peak memory, and ratios."""
+    import numpy as np
+
+    (a, b), (la, lb) = pair, LABELS[pair]
+    lines = [_intro(meta, pair), "",
+             f"| model | batch | params | train img/s {la} | train img/s {lb} | train ratio | "
+             f"eval img/s {la} | eval img/s {lb} | eval ratio | first step {la} (s) | "
+             f"first step {lb} (s) | peak RSS {la} (MiB) | peak RSS {lb} (MiB) | "
+             "train ratio per round |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        j, t = r["jax"], r["torch"]
-        lines.append(f"| {r['model']} | {j['batch']} | {j['params']:,} | {j['train_images_per_s']:.1f} | "
-                     f"{t['train_images_per_s']:.1f} | {r['train_ratio']:.2f} | "
-                     f"{j['eval_images_per_s']:.1f} | {t['eval_images_per_s']:.1f} | "
-                     f"{r['eval_ratio']:.2f} | {j['first_step_s']:.1f} | {t['first_step_s']:.2f} | "
-                     f"{j['peak_rss_mib']:.0f} | {t['peak_rss_mib']:.0f} | "
-                     + ", ".join(f"{x:.2f}" for x in r.get("train_ratio_rounds", [])) + " |")
+        x, y = r[a], r[b]
+        lines.append(f"| {r['model']} | {x['batch']} | {x['params']:,} | "
+                     f"{x['train_images_per_s']:.1f} | {y['train_images_per_s']:.1f} | "
+                     f"{r['train_ratio']:.2f} | {x['eval_images_per_s']:.1f} | "
+                     f"{y['eval_images_per_s']:.1f} | {r['eval_ratio']:.2f} | "
+                     f"{x['first_step_s']:.1f} | {y['first_step_s']:.2f} | "
+                     f"{x['peak_rss_mib']:.0f} | {y['peak_rss_mib']:.0f} | "
+                     + ", ".join(f"{v:.2f}" for v in r["train_ratio_rounds"]) + " |")
     ratios = [r["train_ratio"] for r in rows]
-    geo = float(__import__("numpy").exp(__import__("numpy").mean(__import__("numpy").log(ratios))))
-    lines += ["", f"Train-step ratio: geometric mean {geo:.2f}, minimum {min(ratios):.2f} "
-              f"({min(rows, key=lambda r: r['train_ratio'])['model']})."]
+    geo = float(np.exp(np.mean(np.log(ratios))))
+    worst = min(rows, key=lambda r: r["train_ratio"])
+    lines += ["", f"Train-step ratio: geometric mean {geo:.2f}, minimum "
+              f"{worst['train_ratio']:.2f} ({worst['model']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +327,7 @@ def main(models=None, repeats=5, warmup=2, threads=None, rounds=3, out_dir=RESUL
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    table = markdown(rows, meta) if peer == "torch" else markdown_user(rows, meta)
+    table = markdown(rows, meta, pair)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)

@@ -73,8 +73,8 @@ def progress_bar(total: int, initial: int, enabled: bool):
 
 def show(bar, step: int, values: Mapping[str, float]) -> None:
     """Move `bar` to `step` and show every value in its postfix."""
-    bar.update(step - bar.n)
-    bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()})
+    bar.set_postfix({key: f"{value:.4g}" for key, value in values.items()}, refresh=False)
+    bar.update(step - bar.n)  # redraws at most every `mininterval` seconds
 
 
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:

@@ -42,4 +42,4 @@ def test_the_user_step_benchmark_writes_both_sides_and_their_ratio(tmp_path):
     ratio = row["user"]["train_images_per_s"] / row["jax"]["train_images_per_s"]
     assert row["train_ratio"] == pytest.approx(ratio)
     table = (tmp_path / "user_vs_engine.md").read_text()
-    assert "| cifar_resnet20 | 128 | 269,722 |" in table and "user / engine" in table
+    assert "| cifar_resnet20 | 128 | 269,722 |" in table and "ratio = user / engine" in table
