@@ -167,13 +167,17 @@ def unknown_field_error(name: str) -> ValueError:
     return ValueError(f"unknown config field {name!r}{hint}")
 
 
+def _integer_field(name: str) -> bool:
+    default = FIELDS[name].default
+    return isinstance(default, int) and not isinstance(default, bool)
+
+
 def _check_field(name: str, value: Any) -> None:
     f = FIELDS[name]
     if _kind(value) != _kind(f.default):
         raise ValueError(f"{name}={value!r} has type {type(value).__name__}; expected "
                          f"{_kind(f.default)} like the default {f.default!r}")
-    if isinstance(f.default, int) and not isinstance(f.default, bool) and \
-            isinstance(value, float) and not value.is_integer():
+    if _integer_field(name) and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{name}={value!r} must be an integer")
     if f.choices is not None and value not in f.choices:
         raise ValueError(f"{name}={value!r}; expected one of {f.choices}")
@@ -207,9 +211,7 @@ def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collect
         if isinstance(value, dict):
             value = ml_collections.ConfigDict(value)
         _check_field(name, value)  # before ConfigDict's own type check, to name the field
-        default = FIELDS[name].default
-        out[name] = int(value) if isinstance(default, int) and not isinstance(
-            default, bool) and isinstance(value, float) else value
+        out[name] = int(value) if _integer_field(name) and isinstance(value, float) else value
     validate_config(out)
     return out
 
@@ -245,7 +247,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
     with open(path) as f:
-        values = json.load(f, object_pairs_hook=dict)
+        values = json.load(f)
     config = base_config()
     config.update(_tuples(values))
     validate_config(config)
