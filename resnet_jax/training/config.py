@@ -241,13 +241,17 @@ def load_config(path_or_name: str, **overrides: Any) -> ml_collections.ConfigDic
     return with_overrides(module.get_config(), **overrides)
 
 
+# Fields renamed since runs were written: their config.json files still load.
+RENAMED = {"fast_cpu_conv": "cpu_kernels"}
+
+
 def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with (its config.json), validated."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
     with open(path) as f:
-        values = json.load(f)
+        values = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
     config = base_config()
     config.update(_tuples(values))
     validate_config(config)
