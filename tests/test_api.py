@@ -78,16 +78,6 @@ def test_run_load_gives_config_model_variables_and_history(trained):
         Run.load(os.path.dirname(workdir))
 
 
-def test_a_run_written_before_the_switch_was_renamed_still_loads(tmp_path):
-    from resnet_jax.training.config import base_config, run_config
-
-    values = base_config().to_dict()
-    del values["cpu_kernels"]
-    values["fast_cpu_conv"] = False  # the switch's name before the restructuring
-    (tmp_path / "config.json").write_text(json.dumps(values))
-    assert run_config(str(tmp_path)).cpu_kernels is False
-
-
 def test_predict_takes_raw_images_and_agrees_with_evaluate(trained):
     run = Run.load(trained[0])
     split = run.load_split("test")

@@ -198,6 +198,18 @@ def test_the_engine_takes_them_under_its_switch(monkeypatch):
     assert experiment.build_model(c, 10).conv is nn_conv() and experiment.jit_options(c) is None
 
 
+def test_a_run_written_before_the_switch_was_renamed_still_loads(tmp_path):
+    import json
+
+    from resnet_jax.training.config import base_config, run_config
+
+    values = base_config().to_dict()
+    del values["cpu_kernels"]
+    values["fast_cpu_conv"] = False  # the switch's name before the restructuring
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    assert run_config(str(tmp_path)).cpu_kernels is False
+
+
 def nn_conv():
     from flax import linen as nn
 
