@@ -45,7 +45,8 @@ def cli_args(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
     for key in ("model", "train_subset", "eval_subset", "batch_size", "eval_batch_size",
                 "num_epochs", "learning_rate", "schedule", "nesterov", "checkpoint_every_steps",
                 "keep_checkpoints", "log_every_steps", "progress_bar", "augment", "optimizer",
-                "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "seed"):
+                "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "seed",
+                "data_workers"):
         args.append(f"--config.{key}={c[key]}")
     return args
 
@@ -127,7 +128,10 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
         tmp_path, reference):
     seed = int(os.environ.get("KILL_SEED", random.randrange(1 << 30)))
     workdir = str(tmp_path / "killed")
-    proc = subprocess.Popen(cli_args(small_config(), workdir), cwd=ROOT, text=True,
+    # with two input worker processes; the reference ran with none: the batches do not
+    # depend on it, and the pipeline resumes from the position saved in the checkpoint
+    killed = small_config(data_workers=2)
+    proc = subprocess.Popen(cli_args(killed, workdir), cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     try:
@@ -145,7 +149,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
             proc.kill()
     saved = complete_steps(workdir)
     assert proc.returncode == -signal.SIGKILL
-    err = run_to_end(small_config(), workdir)
+    err = run_to_end(killed, workdir)
     resumed = int(re.search(r"resumed from step (\d+)", err).group(1))
     # it resumed from the newest complete checkpoint, so it re-did only the steps after it
     assert saved and resumed == saved[-1], (seed, saved, resumed)
@@ -321,6 +325,9 @@ def test_the_checkpoint_holds_what_is_needed_to_continue_exactly(two_checkpoints
     assert meta["model"] == "fashion_mnist_resnet8" and meta["num_classes"] == 10
     assert meta["seed"] == 0 and meta["batch_size"] == 32
     assert meta["data_position"] == {"step": 4, "epoch": 0, "batch_in_epoch": 4}
+    # the input pipeline's position after step 4's batch: grain's iterator state, 4 batches
+    assert meta["pipeline"]["workers"] == 0
+    assert "4" in json.dumps(meta["pipeline"]["state"])
     expected_key = jax.random.key_data(jax.random.split(jax.random.key(0))[1])
     assert np.array_equal(np.asarray(meta["dropout_key"]), np.asarray(expected_key))
 

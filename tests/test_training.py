@@ -122,8 +122,27 @@ def test_idx_files_are_read_and_truncation_is_named(tmp_path):
         read_idx(str(tmp_path / "train-images-idx3-ubyte"))
 
 
-def test_tfds_without_network_says_what_to_do(tmp_path):
-    with pytest.raises(RuntimeError, match=r"tfds build cifar10.*--config.data_dir"):
+def test_tfds_not_prepared_says_how_to_build_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"not prepared.*tfds build cifar10 "
+                       r"--data_dir=DIR --file_format=array_record.*--config.data_dir"):
+        load_source("cifar10", "train", str(tmp_path), "tfds")
+
+
+def test_tfds_prepared_as_tfrecord_says_to_rebuild_as_array_record(tmp_path):
+    version = tmp_path / "cifar10" / "3.0.2"
+    version.mkdir(parents=True)
+    # what `tfds build` writes without --file_format: TFRecord shards, no fileFormat key
+    (version / "dataset_info.json").write_text('{"name": "cifar10", "version": "3.0.2"}')
+    (version / "cifar10-train.tfrecord-00000-of-00001").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"prepared in .*3.0.2 \(tfrecord\).*ArrayRecord.*"
+                       r"--file_format=array_record"):
+        load_source("cifar10", "train", str(tmp_path), "tfds")
+
+
+def test_tfds_with_a_package_missing_names_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    with pytest.raises(ImportError, match=r"needs a package that is missing.*"
+                       r"tensorflow_datasets.*requirements.txt"):
         load_source("cifar10", "train", str(tmp_path), "tfds")
 
 
@@ -274,14 +293,20 @@ def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
 
 # --- whole runs ---------------------------------------------------------------------------
 
-def test_a_few_steps_on_mock_cifar10_lower_the_loss():
-    import tensorflow_datasets as tfds
+def test_a_few_steps_on_cifar10_prepared_offline_lower_the_loss(tmp_path):
+    from resnet_jax.data.tfds_offline import prepare
 
+    rng = np.random.default_rng(0)
+
+    def split(name, n):
+        return lambda: ({"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                         "label": k % 10, "id": f"{name}_{k}"} for k in range(n))
+    prepare("cifar10", {"train": split("train", 64), "test": split("test", 20)}, str(tmp_path))
     c = load_config("cifar10_resnet20")
     c.update(dict(batch_size=32, learning_rate=0.05, schedule="constant", num_steps=0, num_epochs=1,
-                  weight_decay=0.0, augment="none", progress_bar=False))
-    with tfds.testing.mock_data(num_examples=64):
-        exp = experiment.setup(c)
+                  weight_decay=0.0, augment="none", progress_bar=False, data_source="tfds",
+                  data_dir=str(tmp_path), eval_batch_size=20))
+    exp = experiment.setup(c)
     assert len(exp.train_source) == 64 and exp.image_shape == (32, 32, 3)
     state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
     step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, get_loss(c.loss)))
@@ -336,25 +361,6 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     assert int(states[0].step) == int(states[1].step) == 16
     chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
-
-
-def test_variable_size_images_get_inception_crops_and_center_crops_on_mock_imagenette():
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=20):
-        train = load_source("imagenette", "train", data_source="tfds")
-        test = load_source("imagenette", "validation", data_source="tfds")
-        info = DATASETS["imagenette"]
-        batches = pipeline.train_batches(train, info, 8, seed=0, augment="inception",
-                                         image_size=64)
-        first, second = next(batches), next(batches)
-        again = next(pipeline.train_batches(train, info, 8, seed=0, start_step=1,
-                                            augment="inception", image_size=64))
-        evals = list(pipeline.eval_batches(test, info, 8, image_size=64))
-    assert first["image"].shape == (8, 64, 64, 3) and first["image"].dtype == np.float32
-    np.testing.assert_array_equal(second["image"], again["image"])  # resumable crops
-    assert sum(float(b["mask"].sum()) for b in evals) == len(test) == 20
-    assert all(b["image"].shape == (8, 64, 64, 3) for b in evals)
 
 
 def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):

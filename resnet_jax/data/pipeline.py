@@ -1,24 +1,35 @@
-"""Batches for training and evaluation.
+"""Batches for training and evaluation: one grain pipeline for every source.
+
+    positions -> which example, with which random draws -> read -> augment / crop
+              -> batch -> normalise -> [worker processes] -> [prefetch to the devices]
 
 The data order is a pure function of (seed, step): epoch e is the permutation
-`default_rng([seed, e])` of the split, and step s takes its slice of it. A resumed run
-therefore continues the same order with no iterator state to save. Each process keeps only
-its own contiguous part of every global batch. Evaluation walks the split once in order;
-the last batch is padded and carries a mask.
+`default_rng([seed, e])` of the split, step s takes its slice of it, and the random draws of
+a step's augmentation come from `default_rng([seed, e, s_in_epoch, 1])` for the whole global
+batch, so they depend neither on how the batch is split across processes nor on the number
+of worker processes nor on where a run was resumed. Each process keeps only its own
+contiguous part of every global batch. Evaluation walks the split once in order; the last
+batch is padded and carries a mask.
+
+A train iterator's position is grain's iterator state (`get_state`), which a checkpoint
+stores; `train_batches(..., state=...)` continues from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import queue
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from resnet_jax.data import transforms
-from resnet_jax.data.sources import ArraySource, DatasetInfo, RecordSource
+from resnet_jax.data import images, transforms
+from resnet_jax.data.sources import ArraySource, DatasetInfo
 
 Batch = dict[str, np.ndarray]
+log = logging.getLogger("resnet_jax")
 
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
@@ -28,87 +39,305 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
-def _local_slice(global_batch: int, process_index: int, process_count: int) -> slice:
+def _local_batch(global_batch: int, process_index: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(
             f"batch size {global_batch} does not divide across {process_count} processes"
         )
-    local = global_batch // process_count
-    return slice(process_index * local, (process_index + 1) * local)
+    return global_batch // process_count
 
 
-def _load(source, info: DatasetInfo, indices: np.ndarray, rng: np.random.Generator | None,
-          augment: str, image_size: int | None, local: slice) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images and labels of the process-local part of a global batch of `indices`."""
-    n = len(indices)
-    if isinstance(source, ArraySource):
-        pad = 4 if (info.image_shape or (32,))[0] >= 32 else 2
-        if rng is not None and augment in ("crop_flip", "flip"):
-            offsets, flips = transforms.crop_flip_params(rng, n, pad if augment == "crop_flip" else 0, True)
-        images, labels = source.get_batch(indices[local])
-        if rng is not None and augment in ("crop_flip", "flip"):
-            images = transforms.pad_crop_flip(
-                images, offsets[local], flips[local], pad if augment == "crop_flip" else 0
-            )
-        return images, labels
-    assert isinstance(source, RecordSource)
-    size = image_size or 224
-    seeds = rng.integers(0, 2**31, size=n) if rng is not None else None
-    images, labels = [], []
-    for k, (image, label) in zip(range(local.start, local.stop), source.get_records(indices[local])):
-        if image.ndim == 2:
-            image = image[..., None]
-        if seeds is not None and augment == "inception":
-            r = np.random.default_rng(seeds[k])
-            image = transforms.random_resized_crop(r, image, size)
-            if r.random() < 0.5:
+# --- per-example transforms: picklable callables, so worker processes can run them ---
+
+@dataclasses.dataclass
+class TrainPositions:
+    """Local example j of this process -> the example index and the random draws of its
+    place in the global batch: {"index", "offset", "flip", "seed"}."""
+
+    num_examples: int
+    global_batch: int
+    local_batch: int
+    process_index: int
+    seed: int
+    pad: int  # pad-and-crop margin of in-memory images (0: none)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        key = ("perm", epoch)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "perm"}
+            self._cache[key] = np.random.default_rng([self.seed, epoch]).permutation(
+                self.num_examples)
+        return self._cache[key]
+
+    def _draws(self, epoch: int, batch: int):
+        key = ("draws", epoch, batch)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] != "draws"}
+            rng = np.random.default_rng([self.seed, epoch, batch, 1])
+            n = self.global_batch
+            offsets, flips = transforms.crop_flip_params(rng, n, self.pad, True)
+            seeds = rng.integers(0, 2**31, size=n)
+            self._cache[key] = (offsets, flips, seeds)
+        return self._cache[key]
+
+    def __call__(self, j: int) -> dict[str, Any]:
+        spe = self.num_examples // self.global_batch
+        step, k = divmod(int(j), self.local_batch)
+        epoch, batch = divmod(step, spe)
+        place = self.process_index * self.local_batch + k
+        offsets, flips, seeds = self._draws(epoch, batch)
+        return {"index": int(self._epoch(epoch)[batch * self.global_batch + place]),
+                "offset": offsets[place], "flip": bool(flips[place]), "seed": int(seeds[place])}
+
+
+@dataclasses.dataclass
+class EvalPositions:
+    """Local example j -> the example at its place of the padded split, and its mask."""
+
+    num_examples: int
+    global_batch: int
+    local_batch: int
+    process_index: int
+
+    def __call__(self, j: int) -> dict[str, Any]:
+        step, k = divmod(int(j), self.local_batch)
+        place = step * self.global_batch + self.process_index * self.local_batch + k
+        valid = place < self.num_examples
+        return {"index": place if valid else 0, "mask": np.float32(valid)}
+
+
+@dataclasses.dataclass
+class Read:
+    """Look the example up in the source."""
+
+    source: Any
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {**item, **self.source[item["index"]]}
+
+
+@dataclasses.dataclass
+class ArrayAugment:
+    """In-memory images: zero-pad by `pad`, crop back at the drawn offset, mirror if drawn."""
+
+    augment: str
+    pad: int
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        image = item["image"]
+        if "offset" in item and self.augment in ("flip", "crop_flip"):
+            if self.augment == "crop_flip" and self.pad:
+                h, w = image.shape[:2]
+                top, left = item["offset"]
+                padded = np.pad(image, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+                image = padded[top:top + h, left:left + w]
+            if item["flip"]:
                 image = image[:, ::-1]
+        out = {"image": np.ascontiguousarray(image), "label": item["label"]}
+        if "mask" in item:
+            out["mask"] = item["mask"]
+        return out
+
+
+@dataclasses.dataclass
+class DecodeCrop:
+    # normalised here, per image while it is in cache, when mean and std are given
+    """Encoded images: Inception-style random-resized crop and flip (train), or the central
+    crop (eval), decoded at a reduced scale where the crop allows. A corrupt image stops the
+    run with its path, or with `skip_corrupt` is replaced: in training by the next readable
+    example, in evaluation by a masked-out blank."""
+
+    source: Any
+    size: int
+    train: bool
+    skip_corrupt: bool = False
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def _load(self, index: int, seed: int | None) -> tuple[np.ndarray, Any]:
+        item = self.source[index]
+        if seed is None:
+            box = images.center_crop_box
+            flip = False
         else:
-            image = transforms.center_crop(image, size)
-        images.append(image)
-        labels.append(label)
-    return np.stack(images), np.asarray(labels, np.int32)
+            rng = np.random.default_rng(seed)
+            flip = bool(rng.random() < 0.5)
+
+            def box(h, w):
+                return images.random_resized_crop_box(rng, h, w) or images.center_crop_box(h, w)
+        image = images.crop_resize(item["data"], item["where"], self.size, box, flip,
+                                   self.channels)
+        return image, item["label"]
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        index, seed = item["index"], item.get("seed") if self.train else None
+        corrupt = 0
+        for _ in range(len(self.source)):
+            try:
+                image, label = self._load(index, seed)
+                break
+            except images.CorruptImageError as err:
+                if not self.skip_corrupt:
+                    raise images.CorruptImageError(
+                        f"{err}; set --config.skip_corrupt_images=True to skip such files "
+                        f"(counted as corrupt_images in the metrics)") from err
+                log.warning("skipped corrupt image: %s", err)
+                corrupt += 1
+                if not self.train:
+                    shape = (self.size, self.size, self.channels)
+                    return {"image": np.zeros(shape, np.float32 if self.mean else np.uint8),
+                            "label": np.int32(0),
+                            "mask": np.float32(0), "corrupt": np.int32(1)}
+                index = (index + 1) % len(self.source)
+        else:
+            raise images.CorruptImageError("no readable image in the whole source")
+        if self.mean is not None:
+            image = transforms.normalize(image, self.mean, self.std)
+        out = {"image": image, "label": np.int32(label), "corrupt": np.int32(corrupt)}
+        if "mask" in item:
+            out["mask"] = item["mask"]
+        return out
+
+
+@dataclasses.dataclass
+class Normalize:
+    """A batch of uint8 images to float32, scaled to [0, 1] and standardised per channel;
+    the per-example corruption counts become the batch's total."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, batch: Batch) -> Batch:
+        image = batch["image"]
+        if image.dtype == np.uint8:
+            image = transforms.normalize(image, self.mean, self.std)
+        out = {**batch, "image": image, "label": batch["label"].astype(np.int32)}
+        if "corrupt" in out:
+            out["corrupt"] = np.int32(out["corrupt"].sum())
+        return out
+
+
+# --- the pipelines ---
+
+def _with_workers(dataset, workers: int, threads: int):
+    """The grain IterDataset, with `workers` processes computing its elements (0: here),
+    each with `threads` threads (0: elements computed one by one as they are asked for)."""
+    import grain
+
+    iter_ds = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(1, 2 * threads) * 64 if threads else 0))
+    if workers <= 0:
+        return iter_ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
+        flags.FLAGS.mark_as_parsed()
+    return iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
+def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
+                       skip_corrupt: bool, channels: int):
+    if isinstance(source, ArraySource):
+        return ArrayAugment(augment if train else "none", _pad(info))
+    if train and augment not in ("inception", "none"):
+        raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
+                         f"images are decoded per example: use 'inception' or 'none'")
+    return DecodeCrop(source, image_size or 224, train and augment == "inception", skip_corrupt,
+                      channels, info.mean, info.std)
+
+
+def _pad(info: DatasetInfo) -> int:
+    return 4 if (info.image_shape or (32,))[0] >= 32 else 2
 
 
 def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start_step: int = 0,
                   augment: str | None = None, image_size: int | None = None,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
-    """Endless training batches from `start_step` on: {'image': float32, 'label': int32}."""
+                  process_index: int = 0, process_count: int = 1, workers: int = 0,
+                  state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
+                  end_step: int | None = None, threads: int | None = None):
+    """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
+    {'image': float32, 'label': int32[, 'corrupt': int32]} with `get_state()`.
+
+    Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
+    process); the batches and their order do not depend on it.
+    """
+    import grain
+
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}; expected one of {transforms.AUGMENTATIONS}")
-    spe = steps_per_epoch(len(source), global_batch)
-    local = _local_slice(global_batch, process_index, process_count)
-    step = start_step
-    while True:
-        epoch, index = divmod(step, spe)
-        perm = np.random.default_rng([seed, epoch]).permutation(len(source))
-        indices = perm[index * global_batch:(index + 1) * global_batch]
-        rng = np.random.default_rng([seed, epoch, index, 1])
-        images, labels = _load(source, info, indices, rng, augment, image_size, local)
-        yield {"image": transforms.normalize(images, info.mean, info.std), "label": labels}
-        step += 1
+    steps_per_epoch(len(source), global_batch)  # at least one full batch
+    local = _local_batch(global_batch, process_index, process_count)
+    positions = TrainPositions(len(source), global_batch, local, process_index, seed,
+                               _pad(info) if augment == "crop_flip" else 0)
+    stop = (end_step if end_step is not None else 2**62 // global_batch) * local
+    dataset = (grain.MapDataset.range(0, stop).map(positions)
+               .map(_maybe_read(source))
+               .map(_example_transform(source, info, True, augment, image_size, skip_corrupt,
+                                       channels))
+               .batch(local, drop_remainder=True)
+               .map(Normalize(info.mean, info.std)))
+    if state is None and start_step:
+        dataset = dataset[start_step:]
+    iterator = _with_workers(dataset, workers, _threads(source, threads)).__iter__()
+    if state is not None:
+        iterator.set_state(state)
+    return iterator
+
+
+def _threads(source, threads: int | None) -> int:
+    """Threads per process computing elements: none for in-memory arrays (the GIL makes them
+    slower), DECODE_THREADS for encoded images (decoding and resizing release the GIL)."""
+    if threads is not None:
+        return threads
+    return 0 if isinstance(source, ArraySource) else DECODE_THREADS
+
+
+DECODE_THREADS = 2
+
+
+def _maybe_read(source):
+    """In-memory sources are read here; encoded ones by the decoder, which may retry."""
+    return Read(source) if isinstance(source, ArraySource) else (lambda item: item)
 
 
 def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+                 process_index: int = 0, process_count: int = 1, workers: int = 0,
+                 skip_corrupt: bool = False, channels: int = 3, threads: int | None = None
+                 ) -> Iterator[Batch]:
     """Every example once, in order; the last batch is zero-padded with mask 0."""
-    local = _local_slice(global_batch, process_index, process_count)
-    n = len(source)
-    for start in range(0, n, global_batch):
-        indices = np.arange(start, min(start + global_batch, n))
-        valid = len(indices)
-        indices = np.concatenate([indices, np.zeros(global_batch - valid, np.int64)])
-        mask = (np.arange(global_batch) < valid).astype(np.float32)
-        images, labels = _load(source, info, indices, None, "none", image_size, local)
-        yield {"image": transforms.normalize(images, info.mean, info.std), "label": labels,
-               "mask": mask[local]}
+    import grain
+
+    local = _local_batch(global_batch, process_index, process_count)
+    n_batches = -(-len(source) // global_batch)
+    dataset = (grain.MapDataset.range(0, n_batches * local)
+               .map(EvalPositions(len(source), global_batch, local, process_index))
+               .map(_maybe_read(source))
+               .map(_example_transform(source, info, False, "none", image_size, skip_corrupt,
+                                       channels))
+               .batch(local, drop_remainder=True)
+               .map(Normalize(info.mean, info.std)))
+    iterator = _with_workers(dataset, workers, _threads(source, threads)).__iter__()
+    try:
+        yield from iterator
+    finally:
+        close(iterator)
 
 
-def prefetch(iterator: Iterator[Batch], put: Callable[[Batch], Batch], size: int = 2
-             ) -> Iterator[Batch]:
+def close(iterator) -> None:
+    """Stop a pipeline iterator's worker processes (no-op without workers)."""
+    closer = getattr(iterator, "close", None)
+    if closer is not None:
+        closer()
+
+
+def prefetch(iterator: Iterator[Batch], put: Callable[[Batch], Any], size: int = 2,
+             state: Callable[[], Any] | None = None) -> Iterator:
     """Prepare the next `size` batches in a background thread and hand them to `put`
-    (device transfer) before they are needed."""
+    (device transfer) before they are needed. With `state`, yields (batch, state()) where
+    state() is taken right after the batch was drawn: the position to resume after it."""
     q: queue.Queue = queue.Queue(maxsize=size)
     sentinel = object()
     stop = threading.Event()
@@ -118,7 +347,8 @@ def prefetch(iterator: Iterator[Batch], put: Callable[[Batch], Batch], size: int
             for batch in iterator:
                 if stop.is_set():
                     return
-                q.put(put(batch))
+                item = put(batch)
+                q.put((item, state()) if state is not None else item)
             q.put(sentinel)
         except BaseException as err:  # hand errors to the consumer
             q.put(err)

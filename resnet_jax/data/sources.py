@@ -1,18 +1,25 @@
-"""Dataset sources behind one interface: images (uint8 NHWC) and int32 labels.
+"""Dataset sources: random-access sequences of examples, the form grain reads.
 
-Small datasets (MNIST, Fashion-MNIST, CIFAR) are held in memory as arrays (`ArraySource`),
-read either from local MNIST-format IDX files or through `tfds.data_source`. Large ones
-(ImageNet, Imagenette) stay on disk and are decoded record by record (`RecordSource`).
+Small datasets (MNIST, Fashion-MNIST, CIFAR) are held in memory as arrays (`ArraySource`,
+items {"image": uint8 HWC, "label"}), read from local MNIST-format IDX files or through
+`tfds.data_source`. Large ones stay on disk and are decoded by the pipeline, so that decoding
+runs in its worker processes: ImageNet-style tfds datasets (`RecordSource`) and image folders
+(`FileSource`), items {"data": encoded bytes, "where": what to name in errors, "label"}.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import gzip
+import json
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from resnet_jax.data.images import IMAGE_EXTENSIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +55,9 @@ DATASETS: dict[str, DatasetInfo] = {
                               in_memory=False),
     "imagenet2012": DatasetInfo("imagenet2012", 1000, None, IMAGENET_MEAN, IMAGENET_STD,
                                 "inception", in_memory=False),
+    # classes from the folder's subfolder names (dataset_info)
+    "image_folder": DatasetInfo("image_folder", 0, None, IMAGENET_MEAN, IMAGENET_STD,
+                                "inception", in_memory=False),
 }
 
 IDX_FILES = {
@@ -75,32 +85,176 @@ class ArraySource:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": self.labels[index]}
+
     def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.images[indices], self.labels[indices]
 
 
 class RecordSource:
-    """A tfds data source read record by record (variable-size images, decoded lazily)."""
+    """A tfds data source whose images stay encoded (tfds' SkipDecoding) until the pipeline
+    decodes them."""
 
-    def __init__(self, records: Any):
+    def __init__(self, records: Any, name: str = "tfds"):
         self.records = records
+        self.name = name
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def get_records(self, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-        out = []
-        for i in indices:
-            r = self.records[int(i)]
-            out.append((np.asarray(r["image"]), int(r["label"])))
-        return out
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        r = self.records[int(index)]
+        return {"data": r["image"], "where": f"{self.name}[{int(index)}]",
+                "label": np.int32(r["label"])}
 
 
-def subset(source: ArraySource | RecordSource, n: int) -> ArraySource | RecordSource:
-    """The first `n` examples of an in-memory source (all of it when n is 0 or larger)."""
-    if n and isinstance(source, ArraySource) and n < len(source):
+@dataclasses.dataclass
+class FileSource:
+    """Image files with their labels, read (not decoded) on access."""
+
+    paths: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[int(index)]
+        with open(path, "rb") as f:
+            data = f.read()
+        return {"data": data, "where": path, "label": self.labels[int(index)]}
+
+
+Source = ArraySource | RecordSource | FileSource
+
+
+def subset(source: Source, n: int) -> Source:
+    """The first `n` examples of a source (all of it when n is 0 or larger)."""
+    if not n or n >= len(source):
+        return source
+    if isinstance(source, ArraySource):
         return ArraySource(source.images[:n], source.labels[:n])
-    return source
+    if isinstance(source, FileSource):
+        return FileSource(source.paths[:n], source.labels[:n])
+    return _Head(source, n)
+
+
+class _Head:
+    """The first n items of a random-access source."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
+
+
+# --- image folders: DIR/train/CLASS/*, optionally DIR/val/CLASS/* and DIR/test/CLASS/* ---
+
+IMAGE_FOLDER_SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"validation": "val"}
+
+
+def _progress(iterable, total: int, desc: str, unit: str, show: bool):
+    """`iterable` with a progress bar on stderr when `show` (a scan that takes a while)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=not show,
+                mininterval=0.5)
+
+
+def _scan_split(directory: str, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
+    """(class names, file paths, labels) of one split directory, every file checked to be an
+    image by its name."""
+    found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not found:
+        raise ValueError(f"{directory}: no class subfolders; an image folder holds "
+                         f"{directory}/CLASS_NAME/IMAGE files")
+    if classes is None:
+        classes = found
+    else:
+        for name in found:
+            if name not in classes:
+                raise ValueError(f"{os.path.join(directory, name)}: class {name!r} is not in "
+                                 f"train/ (which has {len(classes)} classes)")
+    index = {name: k for k, name in enumerate(classes)}
+    paths, labels = [], []
+    for name in _progress(found, len(found), f"scanning {directory}", "class",
+                           len(found) >= 50):
+        folder = os.path.join(directory, name)
+        files = sorted(e.name for e in os.scandir(folder) if e.is_file())
+        if not files:
+            raise ValueError(f"{folder}: no image files in class folder {name!r}")
+        for file in files:
+            path = os.path.join(folder, file)
+            if not file.lower().endswith(IMAGE_EXTENSIONS):
+                raise ValueError(f"{path}: not an image file (allowed extensions: "
+                                 f"{', '.join(IMAGE_EXTENSIONS)})")
+            paths.append(path)
+            labels.append(index[name])
+    return classes, paths, labels
+
+
+@functools.lru_cache(maxsize=4)
+def scan_image_folder(root: str, holdout_fraction: float = 0.1, seed: int = 0
+                      ) -> tuple[tuple[str, ...], dict[str, FileSource]]:
+    """Class names (train/'s subfolders, sorted) and a FileSource per split. Without val/,
+    'val' is `holdout_fraction` of train/ chosen by `seed`, and 'train' the rest."""
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise FileNotFoundError(
+            f"{train_dir}: no such directory; an image folder holds train/CLASS/* and "
+            f"optionally val/CLASS/* and test/CLASS/* (given data_dir={root!r})")
+    classes, paths, labels = _scan_split(train_dir, None)
+    splits = {"train": FileSource(paths, np.asarray(labels, np.int32))}
+    for split in ("val", "test"):
+        directory = os.path.join(root, split)
+        if os.path.isdir(directory):
+            _, p, l = _scan_split(directory, classes)
+            splits[split] = FileSource(p, np.asarray(l, np.int32))
+    if "val" not in splits and holdout_fraction > 0:
+        n = len(paths)
+        held = max(1, int(round(n * holdout_fraction)))
+        if held >= n:
+            raise ValueError(f"holdout_fraction={holdout_fraction} leaves no training images "
+                             f"of the {n} in {train_dir}")
+        order = np.random.default_rng([seed, 7]).permutation(n)
+        val, train = np.sort(order[:held]), np.sort(order[held:])
+        labels_all = splits["train"].labels
+        splits["val"] = FileSource([paths[i] for i in val], labels_all[val])
+        splits["train"] = FileSource([paths[i] for i in train], labels_all[train])
+    return tuple(classes), splits
+
+
+def dataset_info(dataset: str, data_dir: str = "", holdout_fraction: float = 0.1,
+                 seed: int = 0) -> DatasetInfo:
+    """The dataset's DatasetInfo; for an image folder, with its classes from the scan."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
+    info = DATASETS[dataset]
+    if dataset != "image_folder":
+        return info
+    if not data_dir:
+        raise ValueError("dataset='image_folder' needs data_dir=DIR with DIR/train/CLASS/*")
+    classes, _ = scan_image_folder(os.path.abspath(data_dir), holdout_fraction, seed)
+    return dataclasses.replace(info, num_classes=len(classes), class_names=classes)
+
+
+def load_image_folder(data_dir: str, split: str, holdout_fraction: float = 0.1,
+                      seed: int = 0) -> FileSource:
+    """One split of an image folder ('train', 'val' or 'validation', 'test')."""
+    _, splits = scan_image_folder(os.path.abspath(data_dir), holdout_fraction, seed)
+    name = SPLIT_ALIASES.get(split, split)
+    if name not in splits:
+        raise ValueError(f"image folder {data_dir!r} has splits {sorted(splits)}, not "
+                         f"{split!r} (val/ is held out of train/ when holdout_fraction > 0)")
+    return splits[name]
 
 
 def _open(path: str):
@@ -137,37 +291,75 @@ def load_idx(directory: str, split: str) -> ArraySource:
     return ArraySource(images, labels)
 
 
-def _tfds_source(name: str, split: str, data_dir: str | None):
-    import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+def _build_command(name: str) -> str:
+    return f"tfds build {name} --data_dir=DIR --file_format=array_record"
 
+
+def _prepared_formats(name: str, data_dir: str | None) -> dict[str, str]:
+    """{version directory: file format} of the prepared copies of `name` under data_dir."""
+    import tensorflow_datasets as tfds
+
+    root = data_dir or tfds.core.constants.DATA_DIR
+    found = {}
+    for info_file in sorted(glob.glob(os.path.join(root, name, "*", "*", "dataset_info.json"))
+                            + glob.glob(os.path.join(root, name, "*", "dataset_info.json"))):
+        with open(info_file) as f:
+            fmt = json.load(f).get("fileFormat", "tfrecord")
+        found[os.path.dirname(info_file)] = fmt.lower()
+    return found
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, encoded: bool):
+    """tfds.data_source(name, split) from prepared files; never downloads. Errors tell apart
+    a missing package, a dataset not prepared, and one prepared in another file format."""
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
-    except Exception as err:  # noqa: BLE001 - tfds raises many kinds when offline
-        hint = (
-            f"could not load tfds dataset {name!r} split {split!r} (data_dir={data_dir!r}): "
-            f"{type(err).__name__}: {err}\n"
-            f"Prepare it where the network is reachable with `tfds build {name} "
-            f"--data_dir=DIR` (ImageNet needs the manually downloaded archives, see the tfds "
-            f"catalog) and pass --config.data_dir=DIR."
-        )
+        import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+        kwargs = {"decoders": {"image": tfds.decode.SkipDecoding()}} if encoded else {}
+    except ImportError as err:
+        raise ImportError(f"reading tfds dataset {name!r} needs a package that is missing: "
+                          f"{err}; install the project's requirements.txt") from err
+    formats = _prepared_formats(name, data_dir)
+    where = data_dir or "tfds' default data_dir"
+    if not formats:
+        hint = (f"tfds dataset {name!r} is not prepared in {where}: prepare it where the "
+                f"network is reachable with `{_build_command(name)}` (ImageNet needs the "
+                f"manually downloaded archives, see the tfds catalog) and pass "
+                f"--config.data_dir=DIR.")
         if name in ("fashion_mnist", "mnist"):
-            hint += (f" For Fashion-MNIST without network: `apt-get install dataset-fashion-mnist`"
-                     f" and --config.data_source=idx.")
-        raise RuntimeError(hint) from err
+            hint += (" Without network: `apt-get install dataset-fashion-mnist` and "
+                     "--config.data_source=idx, or `python -m resnet_jax.data.tfds_offline`.")
+        raise FileNotFoundError(hint)
+    if "array_record" not in formats.values():
+        listed = ", ".join(f"{d} ({fmt})" for d, fmt in formats.items())
+        raise ValueError(f"tfds dataset {name!r} is prepared in {listed}, but random access "
+                         f"needs ArrayRecord files: rebuild with `{_build_command(name)}`")
+    try:
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False, **kwargs)
+    except ImportError as err:
+        raise ImportError(f"reading tfds dataset {name!r} needs a package that is missing: "
+                          f"{err}; install the project's requirements.txt") from err
+    except ValueError as err:  # an unknown split
+        raise ValueError(f"tfds dataset {name!r} in {where}: {err}") from err
 
 
 def load_source(
     dataset: str, split: str, data_dir: str | None = None, data_source: str = "auto",
-) -> ArraySource | RecordSource:
-    """Load `split` of `dataset` from tfds or local IDX files.
+    holdout_fraction: float = 0.1, seed: int = 0,
+) -> Source:
+    """Load `split` of `dataset` from tfds, local IDX files or an image folder.
 
     data_source: "tfds", "idx" (MNIST-format files in data_dir, or the Debian package's
     directory for fashion_mnist), or "auto" (IDX files when present, else tfds).
+    dataset "image_folder": data_dir/train/CLASS/* (see scan_image_folder).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(DATASETS)}")
     if data_source not in DATA_SOURCES:
         raise ValueError(f"data_source={data_source!r}; expected one of {DATA_SOURCES}")
+    if dataset == "image_folder":
+        if not data_dir:
+            raise ValueError("dataset='image_folder' needs data_dir=DIR with DIR/train/CLASS/*")
+        return load_image_folder(data_dir, split, holdout_fraction, seed)
     idx_dir = data_dir or (DEBIAN_FASHION_MNIST if dataset == "fashion_mnist" else None)
     has_idx = idx_dir is not None and all(
         os.path.exists(os.path.join(idx_dir, f)) or os.path.exists(os.path.join(idx_dir, f + ".gz"))
@@ -180,12 +372,14 @@ def load_source(
                 f"{IDX_FILES.get(split)} (for Fashion-MNIST: apt-get install dataset-fashion-mnist)"
             )
         return load_idx(idx_dir, split)
-    records = _tfds_source(DATASETS[dataset].tfds_name, split, data_dir)
-    if not DATASETS[dataset].in_memory:
-        return RecordSource(records)
+    info = DATASETS[dataset]
+    records = _tfds_source(info.tfds_name, split, data_dir, encoded=not info.in_memory)
+    if not info.in_memory:
+        return RecordSource(records, f"{info.tfds_name}/{split}")
     n = len(records)
-    images = np.stack([np.asarray(records[i]["image"]) for i in range(n)]).astype(np.uint8)
-    labels = np.asarray([records[i]["label"] for i in range(n)], np.int32)
+    items = [records[i] for i in _progress(range(n), n, f"reading {dataset}/{split}", "image", n >= 20000)]
+    images = np.stack([np.asarray(r["image"]) for r in items]).astype(np.uint8)
+    labels = np.asarray([r["label"] for r in items], np.int32)
     if images.ndim == 3:
         images = images[..., None]
     return ArraySource(images, labels)

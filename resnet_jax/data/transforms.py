@@ -10,9 +10,16 @@ AUGMENTATIONS = ("none", "flip", "crop_flip", "inception")
 
 
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 NHWC -> float32, scaled to [0, 1] then standardised per channel."""
-    x = images.astype(np.float32) * (1.0 / 255.0)
-    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    """uint8 NHWC (or HWC) -> float32, scaled to [0, 1] then standardised per channel:
+    x / (255 std) - mean / std, in place in one float32 buffer."""
+    std = np.asarray(std, np.float32)
+    x = images.astype(np.float32)
+    # per-channel factors tiled along whole rows: an inner loop of W*C, not of C
+    width = x.shape[-2] * x.shape[-1]
+    rows = x.reshape(-1, width)
+    rows *= np.tile(1.0 / (255.0 * std), x.shape[-2])[:width]
+    rows -= np.tile(np.asarray(mean, np.float32) / std, x.shape[-2])[:width]
+    return x
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:

@@ -64,11 +64,12 @@ def file_digest(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def meta(identity: dict[str, Any], dropout_key: jax.Array, step: int, steps_per_epoch: int
-         ) -> dict[str, Any]:
+def meta(identity: dict[str, Any], dropout_key: jax.Array, step: int, steps_per_epoch: int,
+         pipeline: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint records beside the state: the run's identity and what is needed to
-    continue exactly."""
+    continue exactly (`pipeline`: the input pipeline's position, {"workers", "state"})."""
     return {
+        **({"pipeline": pipeline} if pipeline is not None else {}),
         **identity,
         # the dropout key of step s is fold_in(dropout_key, s): the RNG state is (key, step)
         "dropout_key": np.asarray(jax.random.key_data(dropout_key)).tolist(),

@@ -67,7 +67,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "dataset": Field("fashion_mnist", "dataset name", tuple(DATASETS)),
         "data_source": Field("auto", "where the data comes from", DATA_SOURCES),
-        "data_dir": Field("", "tfds data_dir, or the directory of IDX files"),
+        "data_dir": Field("", "tfds data_dir, the directory of IDX files, or an image folder "
+                              "(DIR/train/CLASS/*, optionally DIR/val/CLASS/*)"),
+        "holdout_fraction": Field(0.1, "image folders without val/: the fraction of train/ "
+                                       "held out as 'val' (chosen by the seed)",
+                                  bounds="[0, 1)"),
+        "data_workers": Field(0, "input worker processes that decode and augment (0: in the "
+                                 "training process); the batches do not depend on it",
+                              bounds=">= 0"),
+        "skip_corrupt_images": Field(False, "an image that cannot be decoded is logged with "
+                                            "its path and skipped (counted as corrupt_images) "
+                                            "instead of stopping the run"),
         "eval_split": Field("test", "the split evaluated after each period"),
         "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",
                             bounds=">= 0"),

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_jax.data import pipeline
-from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source, subset
+from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
+                                     load_source, subset)
 from resnet_jax.data.transforms import to_rgb
 from resnet_jax.models import get_model, get_spec
 from resnet_jax.training import steps, transfer
@@ -106,11 +107,16 @@ def check_input_shape(model, name: str, shape: tuple[int, ...]) -> None:
         raise ValueError(f"model {name!r} cannot take images of shape {shape}: {err}") from err
 
 
+def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
+    """The config's dataset description (an image folder's classes from its scan)."""
+    return dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+
+
 def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
     """A split of the config's dataset as the model sees it: its first `n` examples (all when
     0), grayscale repeated to RGB when `channels=3` asks for it."""
     source = subset(load_source(config.dataset, split, config.data_dir or None,
-                                config.data_source), n)
+                                config.data_source, config.holdout_fraction, config.seed), n)
     shape = image_shape(config)
     if isinstance(source, ArraySource):
         if source.images.shape[-1] != shape[-1]:
@@ -124,7 +130,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
 def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
     """Validate the config, load the data, build model and optimizer."""
     validate_config(config)
-    info = DATASETS[config.dataset]
+    info = info_of(config)
     num_classes = config.num_classes or info.num_classes
     model = build_model(config, num_classes)
     shape = image_shape(config)
@@ -138,6 +144,24 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
         tx = transfer.freeze_backbone(tx)
     return Experiment(config, info, train_source, eval_source, shape, num_classes, model, tx,
                       schedule, d)
+
+
+def train_data(exp: Experiment, start_step: int = 0, position: dict | None = None):
+    """The run's training batches from `start_step`, or from a checkpoint's pipeline
+    `position` ({"workers", "state"}) when it was saved with the same worker count."""
+    c = exp.config
+    state = None
+    if position and position.get("workers") == c.data_workers and position.get("state"):
+        state = position["state"]
+    return pipeline.train_batches(
+        exp.train_source, exp.info, c.batch_size, c.seed, start_step, c.augment or None,
+        c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
+        state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps)
+
+
+def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The evaluation pipeline's settings from the config."""
+    return {"workers": config.data_workers, "skip_corrupt": config.skip_corrupt_images}
 
 
 def build_strategy(exp: Experiment) -> Strategy:

@@ -57,12 +57,14 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     where = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(where, keep=config.keep_checkpoints)
     try:
-        state = _restore_or_initialize(exp, state, ckpt, where, chief)
+        state, position = _restore_or_initialize(exp, state, ckpt, where, chief)
     except BaseException:
         ckpt.close()
         raise
     start_step = step = int(state.step)
     state = strategy.place_state(state)
+    data = experiment.train_data(exp, start_step, position)
+    data_position = {"workers": config.data_workers, "state": data.get_state()}
 
     history = [r for r in metrics.read_metrics(workdir) if r["step"] <= start_step]
     if chief:
@@ -70,11 +72,10 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     writer = metrics.MetricWriter(workdir, enabled=chief)
     best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
     record: dict[str, Any] = history[-1] if history else {}
-    batches = pipeline.prefetch(
-        pipeline.train_batches(exp.train_source, exp.info, config.batch_size, config.seed,
-                               start_step, config.augment or None, config.image_size or None,
-                               jax.process_index(), jax.process_count()),
-        strategy.put_train_batch)
+    batches = pipeline.prefetch(data, lambda b: (strategy.put_train_batch(
+        {"image": b["image"], "label": b["label"]}), int(b.get("corrupt", 0))),
+        state=data.get_state)
+    corrupt = int(record.get("corrupt_images", 0))
     bar = metrics.progress_bar(d.total_steps, start_step, config.progress_bar and chief)
     pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched from the devices
     period = metrics.Mean()  # train metrics since the last evaluation
@@ -101,6 +102,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
             window.add(values)
             period.add(values)
         line = {**window.result(), "images_per_second": speed.window(step)}
+        if config.skip_corrupt_images:
+            line["corrupt_images"] = corrupt
         metrics.show(bar, step, line)
         if chief:
             metrics.append_jsonl(os.path.join(workdir, "train_metrics.jsonl"),
@@ -109,13 +112,16 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     def save(which: str = "latest") -> None:
         flush()  # never save a state that went non-finite
         meta = checkpoint_lib.meta(experiment.run_identity(exp), dropout_rng, step,
-                                   d.steps_per_epoch)
+                                   d.steps_per_epoch, data_position)
         gathered = strategy.gather_state(state)
         (ckpt.save_best if which == "best" else ckpt.save_latest)(gathered, step, meta)
 
     try:
         while step < d.end_step:
-            state, step_metrics = strategy.train_step(state, next(batches), dropout_rng)
+            (batch, bad), data_state = next(batches)
+            state, step_metrics = strategy.train_step(state, batch, dropout_rng)
+            corrupt += bad
+            data_position = {"workers": config.data_workers, "state": data_state}
             pending.append(step_metrics)
             step += 1
             if len(pending) >= config.log_every_steps or step % d.steps_per_epoch == 0 \
@@ -125,6 +131,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 flush()
                 result = _evaluate(exp, state, strategy)
                 record = _record(step, d, period, speed, result, skipped)
+                if config.skip_corrupt_images:
+                    record["corrupt_images"] = corrupt
                 period = metrics.Mean()
                 writer.write(record)
                 history.append(record)
@@ -144,6 +152,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         if step == d.end_step:
             save()
     finally:
+        batches.close()
+        pipeline.close(data)
         bar.close()
         ckpt.close()  # waits for the saves in flight, then writes their manifests
         writer.close()
@@ -165,13 +175,14 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
 
 def _evaluate(exp: Experiment, state, strategy) -> dict[str, Any]:
     return evaluate(strategy.eval_step, state, exp.eval_source, exp.info,
-                    exp.config.eval_batch_size, exp.config.image_size or None, strategy)
+                    exp.config.eval_batch_size, exp.config.image_size or None, strategy,
+                    **experiment.eval_data_options(exp.config))
 
 
 def _restore_or_initialize(exp: Experiment, state, ckpt: Checkpointer, where: str,
                            chief: bool):
-    """The latest intact checkpoint that belongs to this run; else the pretrained start of
-    `init_from`; else `state` as initialised."""
+    """(state, input pipeline position or None): the latest intact checkpoint that belongs to
+    this run; else the pretrained start of `init_from`; else `state` as initialised."""
     identity = experiment.run_identity(exp)
     restored = ckpt.restore_checked(
         state, check=lambda meta, saved: checkpoint_lib.check_fits(identity, meta, saved, state,
@@ -180,10 +191,10 @@ def _restore_or_initialize(exp: Experiment, state, ckpt: Checkpointer, where: st
         log.info("resumed from step %d", restored.step)
         if chief:
             print(f"resumed from step {restored.step}", file=sys.stderr, flush=True)
-        return restored.state
+        return restored.state, restored.meta.get("pipeline")
     if exp.config.init_from:
-        return transfer.init_from_pretrained(state, exp.tx, exp.config.init_from)
-    return state
+        return transfer.init_from_pretrained(state, exp.tx, exp.config.init_from), None
+    return state, None
 
 
 def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from resnet_jax.data.sources import DATASETS, ArraySource, DatasetInfo, load_source
+from resnet_jax.data.sources import DatasetInfo, Source, load_source
 from resnet_jax.data.transforms import center_crop, normalize, to_rgb
 from resnet_jax.training import experiment, metrics
 from resnet_jax.training.checkpoint import Checkpointer
@@ -54,7 +54,7 @@ class Run:
         if which not in WHICH:
             raise ValueError(f"which={which!r}; expected one of {WHICH}")
         config = run_config(workdir)
-        info = DATASETS[config.dataset]
+        info = experiment.info_of(config)
         model = experiment.build_model(config, config.num_classes or info.num_classes)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
@@ -71,7 +71,7 @@ class Run:
     @property
     def info(self) -> DatasetInfo:
         """What the pipeline knows of the run's dataset (class names, mean, std...)."""
-        return DATASETS[self.config.dataset]
+        return experiment.info_of(self.config)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -84,10 +84,12 @@ class Run:
         """(H, W, C) of the model's input."""
         return experiment.image_shape(self.config)
 
-    def load_split(self, split: str = "test") -> ArraySource:
-        """The raw images (uint8, the dataset's shape) and labels of a split."""
+    def load_split(self, split: str = "test") -> Source:
+        """A split as its source holds it: in-memory datasets as raw images (uint8, the
+        dataset's shape) and labels; image folders and large tfds datasets as encoded files."""
         return load_source(self.config.dataset, split, self.config.data_dir or None,
-                           self.config.data_source)
+                           self.config.data_source, self.config.holdout_fraction,
+                           self.config.seed)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """Raw uint8 images (N, H, W, C) as the model sees them: channels repeated to RGB
@@ -122,7 +124,8 @@ class Run:
                            params=self.variables["params"],
                            batch_stats=self.variables["batch_stats"], opt_state={})
         return evaluate(self._eval_step, state, source, self.info, self.config.eval_batch_size,
-                        self.config.image_size or None)
+                        self.config.image_size or None,
+                        **experiment.eval_data_options(self.config))
 
     def feature_maps(self, images: np.ndarray, module: str) -> np.ndarray:
         """The output of submodule `module` (e.g. "layer2_0", "conv1") for raw images."""
