@@ -3,6 +3,7 @@
     python -m experiments.benchmark --model cifar_resnet20 --parallel pmap --devices 1,2,4
     python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch
     python -m experiments.benchmark --against user      # the engine's step vs a plain one
+    python -m experiments.benchmark --input-pipeline    # JPEG input pipeline vs tf.data
 
 Each device count runs in a fresh process (on the CPU, JAX is split into N host devices
 with XLA_FLAGS; on GPUs, CUDA_VISIBLE_DEVICES keeps the first N). The global batch is
@@ -98,8 +99,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --against: pairs of runs per model, in alternating order")
     parser.add_argument("--results-dir", default=None,
                         help="with --against: where cpu_vs_torch.json/.md go (default results/)")
+    parser.add_argument("--input-pipeline", action="store_true",
+                        help="the JPEG input pipeline against tf.data and the previous one")
+    parser.add_argument("--workers", default="1,2",
+                        help="with --input-pipeline: worker-process counts")
+    parser.add_argument("--images", type=int, default=2000,
+                        help="with --input-pipeline: JPEGs generated when --folder has none")
+    parser.add_argument("--folder", default="/tmp/resnet_jax_jpegs",
+                        help="with --input-pipeline: the image folder (DIR/train/CLASS/*.jpg)")
+    parser.add_argument("--batches", type=int, default=12,
+                        help="with --input-pipeline: batches of 256 timed per measurement")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.input_pipeline:
+        from benchmarks import input_pipeline
+
+        workers = [int(w) for w in args.workers.split(",")]
+        if any(w < 1 for w in workers):
+            parser.error(f"--workers {args.workers!r}: counts must be >= 1")
+        input_pipeline.run(workers, args.images, args.rounds, args.batches, args.folder,
+                           args.results_dir or input_pipeline.RESULTS)
+        return 0
     if args.against:
         from benchmarks import speed_suite
 

@@ -4,6 +4,8 @@
 # package when apt is available (as root).
 #   bash experiments/setup.sh        what training needs (requirements.txt)
 #   bash experiments/setup.sh test   also what the tests need (requirements-test.txt)
+#   bash experiments/setup.sh tf     also TensorFlow in .venv-tf, for the tf.data peer of
+#                                    `python -m experiments.benchmark --input-pipeline`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -17,8 +19,12 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   .venv/bin/python -m resnet_jax.ops.dnnl_conv \
     || echo "oneDNN convolutions not built; the CPU path uses XLA's convolutions."
 fi
-if [ "${1:-}" = "test" ]; then
+if [ "${1:-}" = "test" ] || [ "${1:-}" = "tf" ]; then
   .venv/bin/python -m pip install --quiet -r requirements-test.txt
+fi
+if [ "${1:-}" = "tf" ]; then
+  [ -x .venv-tf/bin/python ] || "$PYTHON" -m venv .venv-tf
+  .venv-tf/bin/python -m pip install --quiet -r requirements-tf.txt
 fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

@@ -117,16 +117,17 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
         # one batch covering the whole split, so the corrupt file is in it
         return pipeline.train_batches(source, info, len(source), 0, image_size=32,
                                       skip_corrupt=skip)
-    with pytest.raises(CorruptImageError, match=rf"{bad}: cannot decode.*skip_corrupt_images"):
+    with pytest.raises(CorruptImageError,
+                       match=rf"{bad}: (cannot decode|not a readable image).*skip_corrupt_images"):
         next(batches(False))
     batch = next(batches(True))
-    assert int(batch["corrupt"]) == 1 and len(batch["label"]) == len(source)
+    assert int(batch["corrupt"].sum()) == 1 and len(batch["label"]) == len(source)
     # replaced by the next readable example: its label stands in the corrupt one's place
     assert np.isfinite(batch["image"]).all()
     del index
 
     evals = list(pipeline.eval_batches(source, info, 50, 32, skip_corrupt=True))
-    assert sum(int(b["corrupt"]) for b in evals) == 1
+    assert sum(int(b["corrupt"].sum()) for b in evals) == 1
     assert sum(float(b["mask"].sum()) for b in evals) == len(source) - 1  # masked out
 
 
@@ -161,27 +162,38 @@ def test_worker_processes_give_the_same_batches_and_resume_from_their_state(phot
 
 
 def test_eval_crops_are_the_central_crop_of_the_decoded_image(photo_folder):
-    """The crop-then-resize path matches decoding the whole image with PIL and resizing its
-    central 87.5%: exactly where no reduced-scale decoding applies (224 from about 300
-    pixels), and within the DCT scaling's own filter difference where it does (64)."""
+    """The crop-then-resize path matches a plain reference: PIL decodes the whole image
+    (libjpeg's accurate IDCT), the central 87.5% is cut and resized by OpenCV. Where no
+    reduced-scale decoding applies (224 from about 300 pixels) only the fast IDCT differs;
+    at 64 the 1/4-scale DCT decoding is a different filter."""
+    import cv2
     from PIL import Image
 
     info = dataset_info("image_folder", photo_folder)
     source = load_source("image_folder", "val", photo_folder)
     std = np.asarray(info.std) * 255
-    for size, bound in ((224, 0.01), (64, 12.0)):
+    diffs = {}
+    for size in (224, 64):
         batch = next(pipeline.eval_batches(source, info, 4, size))
         for k in range(4):
             with Image.open(source.paths[k]) as im:
-                whole = im.convert("RGB")
-            h, w = whole.size[1], whole.size[0]
-            side = min(h, w) * 0.875
-            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-            expected = np.asarray(whole.resize((size, size), Image.BILINEAR, box=box))
+                whole = np.asarray(im.convert("RGB"))
+            h, w = whole.shape[:2]
+            side = min(h, w) * 0.875  # the central square, its edges rounded to pixels
+            left, top, right, bottom = (int(round(v)) for v in (
+                (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2))
+            crop = whole[top:bottom, left:right]
+            # at 64 (1/4-scale decoding, a low-pass filter) against area averaging: bilinear
+            # from the full image would alias
+            expected = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR
+                                  if size == 224 else cv2.INTER_AREA)
             got = batch["image"][k] * std + np.asarray(info.mean) * 255  # back to grey levels
-            # mean absolute difference in grey levels of 255; PIL's own draft mode differs
-            # from a full decode by 1.5-11 levels on these photographs at 1/4 scale
-            assert np.abs(got - expected).mean() < bound, (size, k)
+            diffs[size, k] = np.abs(got - expected).mean()
+    # mean absolute difference in grey levels of 255. Measured: 0.90-0.93 at 224 (libjpeg's
+    # fast IDCT differs from the accurate one by 0.95 on these photographs), 5.5-8.7 at 64
+    # (the DCT's 1/4-scale filter against area averaging, on detailed photographs)
+    assert all(d < 1.5 for (size, _), d in diffs.items() if size == 224), diffs
+    assert all(d < 12.0 for (size, _), d in diffs.items() if size == 64), diffs
 
 
 def test_an_imagenet_layout_run_on_jpegs_trains_with_two_workers(photo_folder, tmp_path):

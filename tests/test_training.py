@@ -158,7 +158,7 @@ def _toy_source(n=100, shape=(8, 8, 1)):
 
 
 def test_train_batches_resume_mid_run_with_the_same_order():
-    source, info = _toy_source(), DATASETS["cifar10"]
+    source, info = _toy_source(shape=(8, 8, 3)), DATASETS["cifar10"]
     fresh = pipeline.train_batches(source, info, 16, seed=3, augment="crop_flip")
     first = [next(fresh) for _ in range(9)]  # crosses the epoch boundary (6 steps/epoch)
     resumed = pipeline.train_batches(source, info, 16, seed=3, start_step=5, augment="crop_flip")
@@ -170,7 +170,7 @@ def test_train_batches_resume_mid_run_with_the_same_order():
 
 
 def test_process_shards_concatenate_to_the_global_batch():
-    source, info = _toy_source(), DATASETS["cifar10"]
+    source, info = _toy_source(shape=(8, 8, 3)), DATASETS["cifar10"]
     whole = next(pipeline.train_batches(source, info, 16, seed=1, augment="crop_flip"))
     parts = [next(pipeline.train_batches(source, info, 16, seed=1, augment="crop_flip",
                                          process_index=i, process_count=2)) for i in range(2)]

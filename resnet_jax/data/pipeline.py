@@ -142,7 +142,6 @@ class ArrayAugment:
 
 @dataclasses.dataclass
 class DecodeCrop:
-    # normalised here, per image while it is in cache, when mean and std are given
     """Encoded images: Inception-style random-resized crop and flip (train), or the central
     crop (eval), decoded at a reduced scale where the crop allows. A corrupt image stops the
     run with its path, or with `skip_corrupt` is replaced: in training by the next readable
@@ -153,8 +152,6 @@ class DecodeCrop:
     train: bool
     skip_corrupt: bool = False
     channels: int = 3
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
 
     def _load(self, index: int, seed: int | None) -> tuple[np.ndarray, Any]:
         item = self.source[index]
@@ -187,14 +184,11 @@ class DecodeCrop:
                 corrupt += 1
                 if not self.train:
                     shape = (self.size, self.size, self.channels)
-                    return {"image": np.zeros(shape, np.float32 if self.mean else np.uint8),
-                            "label": np.int32(0),
+                    return {"image": np.zeros(shape, np.uint8), "label": np.int32(0),
                             "mask": np.float32(0), "corrupt": np.int32(1)}
                 index = (index + 1) % len(self.source)
         else:
             raise images.CorruptImageError("no readable image in the whole source")
-        if self.mean is not None:
-            image = transforms.normalize(image, self.mean, self.std)
         out = {"image": image, "label": np.int32(label), "corrupt": np.int32(corrupt)}
         if "mask" in item:
             out["mask"] = item["mask"]
@@ -203,38 +197,78 @@ class DecodeCrop:
 
 @dataclasses.dataclass
 class Normalize:
-    """A batch of uint8 images to float32, scaled to [0, 1] and standardised per channel;
-    the per-example corruption counts become the batch's total."""
+    """A batch of uint8 images to float32, scaled to [0, 1] and standardised per channel."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def __call__(self, batch: Batch) -> Batch:
-        image = batch["image"]
-        if image.dtype == np.uint8:
-            image = transforms.normalize(image, self.mean, self.std)
-        out = {**batch, "image": image, "label": batch["label"].astype(np.int32)}
-        if "corrupt" in out:
-            out["corrupt"] = np.int32(out["corrupt"].sum())
-        return out
+        return {**batch, "image": transforms.normalize(batch["image"], self.mean, self.std)}
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """Encoded images, a whole local batch per element: each example decoded and cropped
+    (DecodeCrop) straight into its slot of a uint8 batch. In a worker process the batch
+    lives in shared memory, which grain hands to the training process without a copy;
+    uint8 keeps that memory, whose first touch costs more than the copy, a quarter of
+    float32's."""
+
+    positions: Callable[[int], dict[str, Any]]
+    decode: DecodeCrop
+    local_batch: int
+    with_mask: bool
+
+    def __call__(self, step: int) -> Batch:
+        import multiprocessing
+
+        n, size, c = self.local_batch, self.decode.size, self.decode.channels
+        shape = (n, size, size, c)
+        if multiprocessing.parent_process() is not None:
+            from grain.multiprocessing import SharedMemoryArray
+
+            image = SharedMemoryArray(shape, np.uint8)
+        else:
+            image = np.empty(shape, np.uint8)
+        label, corrupt = np.empty(n, np.int32), np.zeros(n, np.int32)
+        mask = np.ones(n, np.float32)
+        for k in range(n):
+            out = self.decode(self.positions(int(step) * n + k))
+            image[k] = out["image"]
+            label[k], corrupt[k] = out["label"], out["corrupt"]
+            mask[k] = out.get("mask", 1.0)
+        batch = {"image": image, "label": label, "corrupt": corrupt}
+        if self.with_mask:
+            batch["mask"] = mask
+        return batch
 
 
 # --- the pipelines ---
 
-def _with_workers(dataset, workers: int, threads: int):
-    """The grain IterDataset, with `workers` processes computing its elements (0: here),
-    each with `threads` threads (0: elements computed one by one as they are asked for)."""
+def _with_workers(dataset, workers: int, threads: int, info: DatasetInfo):
+    """The grain IterDataset of normalised batches: `workers` processes compute the uint8
+    batches (0: this one), each with `threads` threads (0: one by one as they are asked
+    for); this process normalises them (a quarter of the bytes cross between processes)."""
     import grain
 
     iter_ds = dataset.to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=max(1, 2 * threads) * 64 if threads else 0))
-    if workers <= 0:
-        return iter_ds
-    from absl import flags
+        num_threads=threads, prefetch_buffer_size=2 * threads if threads else 0))
+    if workers > 0:
+        from absl import flags
 
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
-        flags.FLAGS.mark_as_parsed()
-    return iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                                      worker_init_fn=_init_worker)
+    return iter_ds.map(Normalize(info.mean, info.std))
+
+
+def _init_worker(index: int, count: int) -> None:
+    """In each worker process: OpenCV on one thread (the workers are the parallelism)."""
+    del index, count
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
@@ -245,7 +279,7 @@ def _example_transform(source, info: DatasetInfo, train: bool, augment: str, ima
         raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
                          f"images are decoded per example: use 'inception' or 'none'")
     return DecodeCrop(source, image_size or 224, train and augment == "inception", skip_corrupt,
-                      channels, info.mean, info.std)
+                      channels)
 
 
 def _pad(info: DatasetInfo) -> int:
@@ -258,13 +292,12 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                   state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
                   end_step: int | None = None, threads: int | None = None):
     """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
-    {'image': float32, 'label': int32[, 'corrupt': int32]} with `get_state()`.
+    {'image': float32, 'label': int32[, 'corrupt': per-example count of unreadable files
+    replaced]} with `get_state()`.
 
     Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
     process); the batches and their order do not depend on it.
     """
-    import grain
-
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}; expected one of {transforms.AUGMENTATIONS}")
@@ -272,16 +305,12 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
     local = _local_batch(global_batch, process_index, process_count)
     positions = TrainPositions(len(source), global_batch, local, process_index, seed,
                                _pad(info) if augment == "crop_flip" else 0)
-    stop = (end_step if end_step is not None else 2**62 // global_batch) * local
-    dataset = (grain.MapDataset.range(0, stop).map(positions)
-               .map(_maybe_read(source))
-               .map(_example_transform(source, info, True, augment, image_size, skip_corrupt,
-                                       channels))
-               .batch(local, drop_remainder=True)
-               .map(Normalize(info.mean, info.std)))
+    stop = end_step if end_step is not None else 2**62 // global_batch
+    dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
+                                   skip_corrupt, channels, local, stop)
     if state is None and start_step:
         dataset = dataset[start_step:]
-    iterator = _with_workers(dataset, workers, _threads(source, threads)).__iter__()
+    iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
     if state is not None:
         iterator.set_state(state)
     return iterator
@@ -298,9 +327,22 @@ def _threads(source, threads: int | None) -> int:
 DECODE_THREADS = 2
 
 
-def _maybe_read(source):
-    """In-memory sources are read here; encoded ones by the decoder, which may retry."""
-    return Read(source) if isinstance(source, ArraySource) else (lambda item: item)
+def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augment: str,
+                         image_size, skip_corrupt: bool, channels: int, local: int, n: int):
+    """The grain MapDataset of n local uint8 batches: positions -> examples -> batches.
+
+    In-memory images are read, augmented and batched by grain; encoded ones are decoded and
+    cropped one by one straight into their batch (DecodeBatch): no per-example stacking
+    copy, and in worker processes the batch is built in shared memory.
+    """
+    import grain
+
+    transform = _example_transform(source, info, train, augment, image_size, skip_corrupt,
+                                   channels)
+    if isinstance(source, ArraySource):
+        return (grain.MapDataset.range(0, n * local).map(positions).map(Read(source))
+                .map(transform).batch(local, drop_remainder=True))
+    return grain.MapDataset.range(0, n).map(DecodeBatch(positions, transform, local, not train))
 
 
 def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int | None = None,
@@ -308,18 +350,12 @@ def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int |
                  skip_corrupt: bool = False, channels: int = 3, threads: int | None = None
                  ) -> Iterator[Batch]:
     """Every example once, in order; the last batch is zero-padded with mask 0."""
-    import grain
-
     local = _local_batch(global_batch, process_index, process_count)
     n_batches = -(-len(source) // global_batch)
-    dataset = (grain.MapDataset.range(0, n_batches * local)
-               .map(EvalPositions(len(source), global_batch, local, process_index))
-               .map(_maybe_read(source))
-               .map(_example_transform(source, info, False, "none", image_size, skip_corrupt,
-                                       channels))
-               .batch(local, drop_remainder=True)
-               .map(Normalize(info.mean, info.std)))
-    iterator = _with_workers(dataset, workers, _threads(source, threads)).__iter__()
+    dataset = _examples_to_batches(
+        EvalPositions(len(source), global_batch, local, process_index), source, info, False,
+        "none", image_size, skip_corrupt, channels, local, n_batches)
+    iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
     try:
         yield from iterator
     finally:

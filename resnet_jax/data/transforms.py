@@ -12,14 +12,21 @@ AUGMENTATIONS = ("none", "flip", "crop_flip", "inception")
 def normalize(images: np.ndarray, mean, std) -> np.ndarray:
     """uint8 NHWC (or HWC) -> float32, scaled to [0, 1] then standardised per channel:
     x / (255 std) - mean / std, in place in one float32 buffer."""
-    std = np.asarray(std, np.float32)
-    x = images.astype(np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    channels = images.shape[-1]
+    if mean.shape not in ((1,), (channels,)) or std.shape not in ((1,), (channels,)):
+        raise ValueError(f"mean {mean.tolist()} and std {std.tolist()} do not fit images with "
+                         f"{channels} channel(s) (shape {images.shape})")
+    images = np.ascontiguousarray(images)
+    out = np.empty(images.shape, np.float32)
     # per-channel factors tiled along whole rows: an inner loop of W*C, not of C
-    width = x.shape[-2] * x.shape[-1]
-    rows = x.reshape(-1, width)
-    rows *= np.tile(1.0 / (255.0 * std), x.shape[-2])[:width]
-    rows -= np.tile(np.asarray(mean, np.float32) / std, x.shape[-2])[:width]
-    return x
+    width = images.shape[-2] * channels
+    rows = out.reshape(-1, width)
+    scale = np.broadcast_to(1.0 / (255.0 * std), (images.shape[-2], channels)).reshape(-1)
+    shift = np.broadcast_to(mean / std, (images.shape[-2], channels)).reshape(-1)
+    np.multiply(images.reshape(-1, width), scale, out=rows, casting="unsafe")
+    rows -= shift
+    return out
 
 
 def to_rgb(images: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ def evaluate(eval_step: Callable, state: Any, source: Any, info: DatasetInfo, ba
     for batch in pipeline.eval_batches(source, info, batch_size, image_size,
                                        jax.process_index(), jax.process_count(), workers,
                                        skip_corrupt):
-        corrupt += int(batch.pop("corrupt", 0))
+        corrupt += int(np.sum(batch.pop("corrupt", 0)))
         sums = jax.tree.map(fetch, first(eval_step(state, put(batch))))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     result = summarize_eval(totals)

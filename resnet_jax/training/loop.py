@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from resnet_jax.data import pipeline
 from resnet_jax.training import experiment, guard, metrics, transfer
@@ -73,7 +74,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
     record: dict[str, Any] = history[-1] if history else {}
     batches = pipeline.prefetch(data, lambda b: (strategy.put_train_batch(
-        {"image": b["image"], "label": b["label"]}), int(b.get("corrupt", 0))),
+        {"image": b["image"], "label": b["label"]}), int(np.sum(b.get("corrupt", 0)))),
         state=data.get_state)
     corrupt = int(record.get("corrupt_images", 0))
     bar = metrics.progress_bar(d.total_steps, start_step, config.progress_bar and chief)
