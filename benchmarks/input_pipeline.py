@@ -50,9 +50,14 @@ def _files(folder: str) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
+WARMUP = 4  # batches: more than any side's prefetch buffer holds, so the timed ones are made
+
+
 def _rate(batches, n_batches: int) -> float:
-    """Images/s over `n_batches` batches after the first (start-up and worker spawn excluded)."""
-    next(batches)
+    """Images/s over `n_batches` batches after WARMUP (start-up, worker spawn and the
+    batches prefetched while starting excluded): the producing rate."""
+    for _ in range(WARMUP):
+        next(batches)
     start, images = time.perf_counter(), 0
     for _ in range(n_batches):
         images += len(next(batches)["label"])
@@ -75,7 +80,7 @@ def measure_resnet_jax(folder: str, transform: str, workers: int, n_batches: int
         batches = pipeline.train_batches(source, info, BATCH, 0, image_size=SIZE,
                                          workers=workers, threads=1)
     else:  # one evaluation pass over the files listed often enough for every timed batch
-        repeat = -(-(n_batches + 2) * BATCH // len(source))
+        repeat = -(-(n_batches + WARMUP + 1) * BATCH // len(source))
         source = FileSource(source.paths * repeat, np.tile(source.labels, repeat))
         batches = pipeline.eval_batches(source, info, BATCH, SIZE, workers=workers, threads=1)
     try:

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --input-pipeline: JPEGs generated when --folder has none")
     parser.add_argument("--folder", default="/tmp/resnet_jax_jpegs",
                         help="with --input-pipeline: the image folder (DIR/train/CLASS/*.jpg)")
-    parser.add_argument("--batches", type=int, default=12,
+    parser.add_argument("--batches", type=int, default=24,
                         help="with --input-pipeline: batches of 256 timed per measurement")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
