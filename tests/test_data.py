@@ -259,3 +259,15 @@ def test_imagenet_style_tfds_dataset_keeps_jpegs_encoded_until_the_pipeline(tmp_
     assert first["image"].shape == (8, 64, 64, 3)
     evals = list(pipeline.eval_batches(val, info, 4, 64))
     assert sum(float(b["mask"].sum()) for b in evals) == 10 and len(evals) == 3
+
+
+def test_scanning_a_folder_of_many_classes_shows_a_progress_bar(tmp_path, capsys):
+    from PIL import Image
+
+    for c in range(60):
+        folder = tmp_path / "train" / f"class_{c:03d}"
+        folder.mkdir(parents=True)
+        Image.fromarray(np.full((4, 4, 3), c, np.uint8)).save(folder / "a.png")
+    classes, splits = scan_image_folder(str(tmp_path))
+    assert len(classes) == 60 and len(splits["train"]) + len(splits["val"]) == 60
+    assert f"scanning {tmp_path}/train" in capsys.readouterr().err

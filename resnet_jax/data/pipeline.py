@@ -1,7 +1,9 @@
 """Batches for training and evaluation: one grain pipeline for every source.
 
-    positions -> which example, with which random draws -> read -> augment / crop
-              -> batch -> normalise -> [worker processes] -> [prefetch to the devices]
+    steps -> this process's part of the global batch: example indices and random draws
+          -> read and augment (in-memory arrays, vectorised) or decode and crop (encoded
+             images, one by one into the batch) -> [worker processes] -> normalise
+          -> [prefetch to the devices]
 
 The data order is a pure function of (seed, step): epoch e is the permutation
 `default_rng([seed, e])` of the split, step s takes its slice of it, and the random draws of
@@ -47,7 +49,7 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
     return global_batch // process_count
 
 
-# --- per-example transforms: picklable callables, so worker processes can run them ---
+# --- transforms: picklable callables, so worker processes can run them ---
 
 @dataclasses.dataclass
 class TrainPositions:
@@ -81,6 +83,15 @@ class TrainPositions:
             self._cache[key] = (offsets, flips, seeds)
         return self._cache[key]
 
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(example indices, crop offsets, flips) of this process's part of step `step`."""
+        epoch, batch = divmod(int(step), self.num_examples // self.global_batch)
+        place = slice(self.process_index * self.local_batch,
+                      (self.process_index + 1) * self.local_batch)
+        offsets, flips, _ = self._draws(epoch, batch)
+        order = self._epoch(epoch)[batch * self.global_batch:(batch + 1) * self.global_batch]
+        return order[place], offsets[place], flips[place]
+
     def __call__(self, j: int) -> dict[str, Any]:
         spe = self.num_examples // self.global_batch
         step, k = divmod(int(j), self.local_batch)
@@ -100,6 +111,13 @@ class EvalPositions:
     local_batch: int
     process_index: int
 
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(example indices, mask) of this process's part of batch `step`."""
+        start = int(step) * self.global_batch + self.process_index * self.local_batch
+        places = np.arange(start, start + self.local_batch)
+        valid = places < self.num_examples
+        return np.where(valid, places, 0), valid.astype(np.float32)
+
     def __call__(self, j: int) -> dict[str, Any]:
         step, k = divmod(int(j), self.local_batch)
         place = step * self.global_batch + self.process_index * self.local_batch + k
@@ -108,36 +126,27 @@ class EvalPositions:
 
 
 @dataclasses.dataclass
-class Read:
-    """Look the example up in the source."""
+class ArrayBatch:
+    """In-memory images, a whole local batch per element: gathered by index, then (train)
+    zero-padded by `pad`, cropped back at the drawn offsets and mirrored where drawn, all
+    vectorised; evaluation batches carry the mask."""
 
-    source: Any
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        return {**item, **self.source[item["index"]]}
-
-
-@dataclasses.dataclass
-class ArrayAugment:
-    """In-memory images: zero-pad by `pad`, crop back at the drawn offset, mirror if drawn."""
-
+    positions: Any  # TrainPositions or EvalPositions
+    source: ArraySource
     augment: str
     pad: int
 
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        image = item["image"]
-        if "offset" in item and self.augment in ("flip", "crop_flip"):
-            if self.augment == "crop_flip" and self.pad:
-                h, w = image.shape[:2]
-                top, left = item["offset"]
-                padded = np.pad(image, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
-                image = padded[top:top + h, left:left + w]
-            if item["flip"]:
-                image = image[:, ::-1]
-        out = {"image": np.ascontiguousarray(image), "label": item["label"]}
-        if "mask" in item:
-            out["mask"] = item["mask"]
-        return out
+    def __call__(self, step: int) -> Batch:
+        if isinstance(self.positions, EvalPositions):
+            indices, mask = self.positions.batch(step)
+            images, labels = self.source.get_batch(indices)
+            return {"image": images, "label": labels, "mask": mask}
+        indices, offsets, flips = self.positions.batch(step)
+        images, labels = self.source.get_batch(indices)
+        if self.augment in ("flip", "crop_flip"):
+            images = transforms.pad_crop_flip(
+                images, offsets, flips, self.pad if self.augment == "crop_flip" else 0)
+        return {"image": images, "label": labels}
 
 
 @dataclasses.dataclass
@@ -273,8 +282,6 @@ def _init_worker(index: int, count: int) -> None:
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
                        skip_corrupt: bool, channels: int):
-    if isinstance(source, ArraySource):
-        return ArrayAugment(augment if train else "none", _pad(info))
     if train and augment not in ("inception", "none"):
         raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
                          f"images are decoded per example: use 'inception' or 'none'")
@@ -329,19 +336,20 @@ DECODE_THREADS = 2
 
 def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augment: str,
                          image_size, skip_corrupt: bool, channels: int, local: int, n: int):
-    """The grain MapDataset of n local uint8 batches: positions -> examples -> batches.
+    """The grain MapDataset of n local uint8 batches, one element per step.
 
-    In-memory images are read, augmented and batched by grain; encoded ones are decoded and
-    cropped one by one straight into their batch (DecodeBatch): no per-example stacking
-    copy, and in worker processes the batch is built in shared memory.
+    In-memory images are gathered and augmented a batch at a time, vectorised (ArrayBatch);
+    encoded ones are decoded and cropped one by one straight into their batch (DecodeBatch):
+    no per-example stacking copy, and in worker processes the batch is built in shared
+    memory.
     """
     import grain
 
+    if isinstance(source, ArraySource):
+        return grain.MapDataset.range(0, n).map(
+            ArrayBatch(positions, source, augment if train else "none", _pad(info)))
     transform = _example_transform(source, info, train, augment, image_size, skip_corrupt,
                                    channels)
-    if isinstance(source, ArraySource):
-        return (grain.MapDataset.range(0, n * local).map(positions).map(Read(source))
-                .map(transform).batch(local, drop_remainder=True))
     return grain.MapDataset.range(0, n).map(DecodeBatch(positions, transform, local, not train))
 
 
