@@ -131,6 +131,29 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
     assert sum(float(b["mask"].sum()) for b in evals) == len(source) - 1  # masked out
 
 
+def test_a_run_counts_skipped_corrupt_images_in_its_metrics_or_stops_naming_the_file(
+        photo_folder, tmp_path):
+    folder = _copy(photo_folder, tmp_path)
+    bad = _corrupt_one(folder)
+    args = ["--config.model=cifar_resnet20", "--config.dataset=image_folder",
+            f"--config.data_dir={folder}", "--config.eval_split=train", "--config.image_size=32",
+            "--config.batch_size=8", "--config.eval_batch_size=40", "--config.num_steps=2",
+            "--config.num_classes=0", "--config.progress_bar=False",
+            "--config.augment=inception"]
+    out = run_cli("experiments/configs/cifar10_resnet20.py", tmp_path / "stops", *args)
+    assert out.returncode == 2 and bad in out.stderr, out.stderr[-3000:]
+    assert "skip_corrupt_images" in out.stderr
+    workdir = tmp_path / "skips"
+    out = run_cli("experiments/configs/cifar10_resnet20.py", workdir, *args,
+                  "--config.skip_corrupt_images=True")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"skipped corrupt image: {bad}" in out.stderr
+    record = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+    # evaluation over train/ met it once (masked out); training counts what it replaced
+    assert record["test_corrupt_images"] == 1 and record["test_count"] == 119
+    assert "corrupt_images" in record
+
+
 def test_worker_processes_give_the_same_batches_and_resume_from_their_state(photo_folder):
     info = dataset_info("image_folder", photo_folder)
     source = load_source("image_folder", "train", photo_folder)
