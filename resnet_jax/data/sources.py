@@ -169,7 +169,8 @@ def _progress(iterable, total: int, desc: str, unit: str, show: bool):
                 mininterval=0.5)
 
 
-def _scan_split(directory: str, classes: list[str] | None) -> tuple[list[str], list[str], list[int]]:
+def _scan_split(directory: str, classes: list[str] | None
+                ) -> tuple[list[str], list[str], list[int]]:
     """(class names, file paths, labels) of one split directory, every file checked to be an
     image by its name."""
     found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
@@ -377,7 +378,8 @@ def load_source(
     if not info.in_memory:
         return RecordSource(records, f"{info.tfds_name}/{split}")
     n = len(records)
-    items = [records[i] for i in _progress(range(n), n, f"reading {dataset}/{split}", "image", n >= 20000)]
+    reading = _progress(range(n), n, f"reading {dataset}/{split}", "image", n >= 20000)
+    items = [records[i] for i in reading]
     images = np.stack([np.asarray(r["image"]) for r in items]).astype(np.uint8)
     labels = np.asarray([r["label"] for r in items], np.int32)
     if images.ndim == 3:
