@@ -240,12 +240,72 @@ def test_weight_decay_is_masked_to_kernels_and_l2_differs_from_decoupled():
     assert not np.allclose(out["l2"], out["decoupled"])  # L2 goes through Adam's scaling
 
 
+def _decay_closed_form(optimizer: str, mode: str, nesterov: bool, steps: int, lr: float,
+                       wd: float, p0: float, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8):
+    """A kernel entry with zero loss gradient after `steps` steps, from the update rules
+    written out in float64 (weight decay the only force on it)."""
+    p, m, v = p0, 0.0, 0.0
+    for t in range(1, steps + 1):
+        if mode == "decoupled":
+            # the gradient's path sees zero: no momentum, Adam or LARS term moves p
+            p = p - lr * wd * p
+            continue
+        g = wd * p  # L2: the decay is the gradient
+        if optimizer == "sgd":
+            m = momentum * m + g
+            p = p - lr * ((g + momentum * m) if nesterov else m)
+        elif optimizer == "adam":
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        else:  # lars: trust ratio 0.001 |p| / |g| on a one-entry kernel, then lr, momentum
+            u = -lr * g * (0.001 * abs(p) / abs(g))
+            m = momentum * m + u
+            p = p + ((u + momentum * m) if nesterov else m)
+    return p
+
+
+@pytest.mark.parametrize("optimizer,nesterov,mode", [
+    (o, n, m) for o, n in (("sgd", False), ("sgd", True), ("adam", False), ("adamw", False),
+                           ("lars", False), ("lars", True))
+    for m in ("l2", "decoupled") if not (o == "adamw" and m == "l2")])
+def test_weight_decay_is_applied_exactly_once(optimizer, nesterov, mode):
+    """A kernel with zero gradient decays as the closed form of its mode says, over five
+    steps; a bias (masked) does not move."""
+    lr, wd, p0 = 0.1, 0.05, 1.5
+    c = _opt_config(optimizer=optimizer, nesterov=nesterov, weight_decay_mode=mode,
+                    learning_rate=lr, weight_decay=wd, schedule="constant", momentum=0.9)
+    tx, _ = make_optimizer(c, durations(c, 10))
+    params = {"dense": {"kernel": jnp.full((1, 1), p0), "bias": jnp.full((1,), p0)}}
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(5):
+        updates, state = tx.update(zeros, state, params)
+        params = optax.apply_updates(params, updates)
+    expected = _decay_closed_form("adam" if optimizer == "adamw" else optimizer, mode,
+                                  nesterov, 5, lr, wd, p0)
+    np.testing.assert_allclose(float(params["dense"]["kernel"][0, 0]), expected, rtol=1e-5)
+    assert float(params["dense"]["bias"][0]) == p0
+    if mode == "decoupled" or optimizer == "sgd":
+        # twice the decay would be visibly off here (Adam's and LARS' L2 steps do not scale
+        # with the decay: they normalise the gradient, which is the decay alone)
+        twice = _decay_closed_form("adam" if optimizer == "adamw" else optimizer, mode,
+                                   nesterov, 5, lr, 2 * wd, p0)
+        assert abs(expected - twice) > 1e-3
+
+
+def test_adamw_takes_only_decoupled_decay():
+    c = _opt_config(optimizer="adamw", weight_decay=0.01, weight_decay_mode="l2")
+    with pytest.raises(ValueError, match=r"optimizer='adamw' is Adam with decoupled weight "
+                       r"decay, but weight_decay_mode='l2'"):
+        make_optimizer(c, durations(c, 10))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "lars"])
 def test_each_optimizer_descends_a_quadratic(optimizer):
     # LARS scales each layer's step by 0.001 * |w| / |g| (its trust ratio): a larger rate
     lr = 20.0 if optimizer == "lars" else 0.05
     c = _opt_config(optimizer=optimizer, learning_rate=lr, schedule="constant", weight_decay=0.0,
-                    nesterov=True, grad_clip=10.0)
+                    nesterov=True, grad_clip=10.0, weight_decay_mode="decoupled")
     tx, _ = make_optimizer(c, durations(c, 10))
     params = {"w": {"kernel": jnp.array([[3.0, -2.0]])}}
     state = tx.init(params)

@@ -92,7 +92,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "optimizer": Field("sgd", "update rule", OPTIMIZERS),
         "learning_rate": Field(0.1, "peak learning rate", bounds="> 0"),
         "momentum": Field(0.9, "SGD and LARS momentum", bounds="[0, 1)"),
-        "nesterov": Field(False, "Nesterov momentum (SGD)"),
+        "nesterov": Field(False, "Nesterov momentum (SGD, LARS)"),
         "adam_b1": Field(0.9, "Adam's first-moment decay", bounds="[0, 1)"),
         "adam_b2": Field(0.999, "Adam's second-moment decay", bounds="[0, 1)"),
         "adam_eps": Field(1e-8, "Adam's epsilon", bounds="> 0"),

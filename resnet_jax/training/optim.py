@@ -48,41 +48,68 @@ def make_schedule(config, d: Durations) -> optax.Schedule:
     raise ValueError(f"schedule={kind!r}; expected one of {SCHEDULES}")
 
 
+def decoupled_weight_decay(rate: float, schedule: optax.Schedule, mask: Any = None
+                           ) -> optax.GradientTransformation:
+    """Adds -schedule(step) * rate * param to the (already learning-rate-scaled) updates: the
+    decay decoupled from the gradient's path (Loshchilov & Hutter 2019), at the schedule's
+    pace, through no momentum or adaptive scaling."""
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("decoupled weight decay needs the parameters")
+        factor = -rate * schedule(state.count)
+        decayed = jax.tree.map(lambda u, p: u + factor * p, updates, params)
+        return decayed, optax.ScaleByScheduleState(count=optax.safe_int32_increment(state.count))
+
+    inner = optax.GradientTransformation(init, update)
+    return optax.masked(inner, mask) if mask is not None else inner
+
+
 def make_optimizer(config, d: Durations
                    ) -> tuple[optax.GradientTransformationExtraArgs, optax.Schedule]:
     """The optax chain of the config and its base schedule.
 
-    Weight decay is the paper's L2 term (added to the gradient, so it passes through momentum
-    and adaptive scaling) or decoupled (Loshchilov & Hutter 2019), masked to kernels unless
-    `weight_decay_all` is set. 'plateau' multiplies the schedule by optax's reduce-on-plateau
-    scale, fed with the training loss averaged over `d.plateau_accumulation` steps.
+    Weight decay is applied once, in one of two modes: 'l2', the paper's term added to the
+    gradient (so it passes through momentum, Adam's scaling or LARS' trust ratio), or
+    'decoupled' (Loshchilov & Hutter 2019), subtracted from the parameters at the learning
+    rate's pace, outside the gradient's path. 'adamw' is Adam with decoupled decay, so it
+    takes only that mode. Masked to kernels unless `weight_decay_all`. 'plateau' multiplies
+    the whole update by optax's reduce-on-plateau scale, fed with the training loss averaged
+    over `d.plateau_accumulation` steps.
     """
     schedule = make_schedule(config, d)
     wd, mode, name = config.weight_decay, config.weight_decay_mode, config.optimizer
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r}; expected one of {OPTIMIZERS}")
+    if name == "adamw" and wd and mode != "decoupled":
+        raise ValueError(f"optimizer='adamw' is Adam with decoupled weight decay, but "
+                         f"weight_decay_mode={mode!r}: set weight_decay_mode='decoupled', or "
+                         f"optimizer='adam' for L2 decay")
     mask = None if config.weight_decay_all else kernel_mask
     parts: list[optax.GradientTransformation] = []
     if config.grad_clip:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
-    if wd and mode == "l2" and name != "lars":
+    if wd and mode == "l2":
         parts.append(optax.add_decayed_weights(wd, mask))
-    decoupled = wd if mode == "decoupled" else 0.0
     if name == "sgd":
         parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov)
                      if config.momentum else optax.identity())
-        if decoupled:
-            parts.append(optax.add_decayed_weights(decoupled, mask))
+        parts.append(optax.scale_by_learning_rate(schedule))
     elif name in ("adam", "adamw"):
         parts.append(optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2,
                                          eps=config.adam_eps))
-        if name == "adamw" or decoupled:
-            parts.append(optax.add_decayed_weights(decoupled or wd, mask))
-    elif name == "lars":
-        return (_with_plateau(config, d, optax.lars(
-            schedule, weight_decay=wd, weight_decay_mask=mask, trust_ratio_mask=mask,
-            momentum=config.momentum), parts), schedule)
-    else:
-        raise ValueError(f"optimizer={name!r}; expected one of {OPTIMIZERS}")
-    parts.append(optax.scale_by_learning_rate(schedule))
+        parts.append(optax.scale_by_learning_rate(schedule))
+    else:  # lars: optax.lars' order (trust ratio, learning rate, then momentum), decay apart
+        trust = optax.scale_by_trust_ratio(trust_coefficient=0.001, eps=0.0)  # optax.lars'
+        parts.append(optax.masked(trust, mask) if mask is not None else trust)
+        parts.append(optax.scale_by_learning_rate(schedule))
+        parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
+    if wd and mode == "decoupled":
+        parts.append(decoupled_weight_decay(wd, schedule, mask))
     return _with_plateau(config, d, optax.identity(), parts), schedule
 
 
