@@ -293,6 +293,14 @@ def test_weight_decay_is_applied_exactly_once(optimizer, nesterov, mode):
         assert abs(expected - twice) > 1e-3
 
 
+def test_the_eval_batch_is_rounded_up_to_a_multiple_of_the_devices():
+    c = resnet_jax.load_config("imagenet_resnet50", parallel="pmap")  # eval_batch_size=250
+    assert experiment.eval_batch_size(c, 8) == 256 and experiment.eval_batch_size(c, 16) == 256
+    assert experiment.eval_batch_size(c, 5) == 250
+    c.parallel = "single"
+    assert experiment.eval_batch_size(c, 8) == 250
+
+
 def test_adamw_takes_only_decoupled_decay():
     c = _opt_config(optimizer="adamw", weight_decay=0.01, weight_decay_mode="l2")
     with pytest.raises(ValueError, match=r"optimizer='adamw' is Adam with decoupled weight "

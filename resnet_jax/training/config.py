@@ -135,7 +135,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "run": {
         "seed": Field(0, "initialisation, data order, augmentation and dropout"),
-        "eval_batch_size": Field(500, "global evaluation batch", bounds="> 0"),
+        "eval_batch_size": Field(500, "global evaluation batch (rounded up to a multiple of "
+                                      "the device count on several devices)", bounds="> 0"),
         "eval_every_epochs": Field(1, "evaluate (and checkpoint) every N epochs", bounds=">= 1"),
         "checkpoint_every_steps": Field(0, ">0: also checkpoint every N steps", bounds=">= 0"),
         "keep_checkpoints": Field(2, "latest checkpoints kept", bounds=">= 1"),

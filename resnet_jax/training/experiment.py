@@ -164,6 +164,15 @@ def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"workers": config.data_workers, "skip_corrupt": config.skip_corrupt_images}
 
 
+def eval_batch_size(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
+    """The global evaluation batch: `eval_batch_size`, rounded up to a multiple of the device
+    count under a multi-device strategy (the padded examples are masked out)."""
+    if config.parallel == "single":
+        return config.eval_batch_size
+    n = device_count or jax.device_count()
+    return -(-config.eval_batch_size // n) * n
+
+
 def build_strategy(exp: Experiment) -> Strategy:
     """The experiment's train and eval steps, mapped by the config's strategy."""
     return make_steps(exp.config, exp.model, exp.num_classes, exp.tx, exp.schedule)
@@ -179,7 +188,7 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
                                            c.skip_nonfinite_steps, c.freeze == "backbone"),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
-        c.batch_size, c.eval_batch_size, jit_options(c))
+        c.batch_size, eval_batch_size(c), jit_options(c))
 
 
 def run_identity(exp: Experiment) -> dict[str, Any]:

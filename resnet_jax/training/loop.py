@@ -176,7 +176,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
 
 def _evaluate(exp: Experiment, state, strategy) -> dict[str, Any]:
     return evaluate(strategy.eval_step, state, exp.eval_source, exp.info,
-                    exp.config.eval_batch_size, exp.config.image_size or None, strategy,
+                    experiment.eval_batch_size(exp.config), exp.config.image_size or None, strategy,
                     **experiment.eval_data_options(exp.config))
 
 
