@@ -451,3 +451,22 @@ def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
     with pytest.raises(ValueError, match="not in the suite"):
         benchmark.main(["--against", "torch", "--models", "resnet9000", "--results-dir",
                         str(tmp_path)])
+
+
+def test_random_erasing_erases_about_its_probability_of_images_and_is_reproducible():
+    source, info = _toy_source(n=400, shape=(32, 32, 3)), DATASETS["cifar10"]
+    # constant images, so an erased rectangle (random values) is what differs from 128
+    source.images[:] = 128
+    plain = next(pipeline.train_batches(source, info, 400, seed=1, augment="none"))
+    erased = next(pipeline.train_batches(source, info, 400, seed=1, augment="none", erase=0.5))
+    again = next(pipeline.train_batches(source, info, 400, seed=1, augment="none", erase=0.5))
+    np.testing.assert_array_equal(erased["image"], again["image"])
+    np.testing.assert_array_equal(erased["label"], plain["label"])
+    changed = (erased["image"] != plain["image"]).any(axis=-1)  # (N, H, W): erased pixels
+    hit = changed.any(axis=(1, 2))
+    assert 0.4 < hit.mean() < 0.6, hit.mean()  # p = 0.5 over 400 images
+    areas = changed[hit].mean(axis=(1, 2))  # each a rectangle of 2-40% of the image
+    assert areas.min() > 0.01 and areas.max() <= 0.41, (areas.min(), areas.max())
+    rows, cols = np.nonzero(changed[np.argmax(hit)])
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert box >= len(rows) > 0.9 * box  # one filled rectangle

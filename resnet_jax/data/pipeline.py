@@ -83,14 +83,15 @@ class TrainPositions:
             self._cache[key] = (offsets, flips, seeds)
         return self._cache[key]
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(example indices, crop offsets, flips) of this process's part of step `step`."""
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(example indices, crop offsets, flips, per-example seeds) of this process's part
+        of step `step`."""
         epoch, batch = divmod(int(step), self.num_examples // self.global_batch)
         place = slice(self.process_index * self.local_batch,
                       (self.process_index + 1) * self.local_batch)
-        offsets, flips, _ = self._draws(epoch, batch)
+        offsets, flips, seeds = self._draws(epoch, batch)
         order = self._epoch(epoch)[batch * self.global_batch:(batch + 1) * self.global_batch]
-        return order[place], offsets[place], flips[place]
+        return order[place], offsets[place], flips[place], seeds[place]
 
     def __call__(self, j: int) -> dict[str, Any]:
         spe = self.num_examples // self.global_batch
@@ -135,18 +136,27 @@ class ArrayBatch:
     source: ArraySource
     augment: str
     pad: int
+    erase: float = 0.0  # random-erasing probability (train)
 
     def __call__(self, step: int) -> Batch:
         if isinstance(self.positions, EvalPositions):
             indices, mask = self.positions.batch(step)
             images, labels = self.source.get_batch(indices)
             return {"image": images, "label": labels, "mask": mask}
-        indices, offsets, flips = self.positions.batch(step)
+        indices, offsets, flips, seeds = self.positions.batch(step)
         images, labels = self.source.get_batch(indices)
         if self.augment in ("flip", "crop_flip"):
             images = transforms.pad_crop_flip(
                 images, offsets, flips, self.pad if self.augment == "crop_flip" else 0)
+        if self.erase:
+            images = np.stack([transforms.random_erase(image, _erase_rng(seed), self.erase)
+                               for image, seed in zip(images, seeds)])
         return {"image": images, "label": labels}
+
+
+def _erase_rng(seed: int) -> np.random.Generator:
+    """The random-erasing draws of the example whose seed is `seed` (its own stream)."""
+    return np.random.default_rng([int(seed), 2])
 
 
 @dataclasses.dataclass
@@ -161,6 +171,7 @@ class DecodeCrop:
     train: bool
     skip_corrupt: bool = False
     channels: int = 3
+    erase: float = 0.0  # random-erasing probability (train)
 
     def _load(self, index: int, seed: int | None) -> tuple[np.ndarray, Any]:
         item = self.source[index]
@@ -175,6 +186,8 @@ class DecodeCrop:
                 return images.random_resized_crop_box(rng, h, w) or images.center_crop_box(h, w)
         image = images.crop_resize(item["data"], item["where"], self.size, box, flip,
                                    self.channels)
+        if self.erase and seed is not None:
+            image = transforms.random_erase(image, _erase_rng(seed), self.erase)
         return image, item["label"]
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -281,12 +294,12 @@ def _init_worker(index: int, count: int) -> None:
 
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
-                       skip_corrupt: bool, channels: int):
+                       skip_corrupt: bool, channels: int, erase: float = 0.0):
     if train and augment not in ("inception", "none"):
         raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
                          f"images are decoded per example: use 'inception' or 'none'")
     return DecodeCrop(source, image_size or 224, train and augment == "inception", skip_corrupt,
-                      channels)
+                      channels, erase if train else 0.0)
 
 
 def _pad(info: DatasetInfo) -> int:
@@ -297,13 +310,15 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                   augment: str | None = None, image_size: int | None = None,
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
-                  end_step: int | None = None, threads: int | None = None):
+                  end_step: int | None = None, threads: int | None = None,
+                  erase: float = 0.0):
     """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
     {'image': float32, 'label': int32[, 'corrupt': per-example count of unreadable files
     replaced]} with `get_state()`.
 
     Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
-    process); the batches and their order do not depend on it.
+    process); the batches and their order do not depend on it. `erase`: the probability of
+    random erasing per image, after the other augmentation.
     """
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
@@ -314,7 +329,7 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                                _pad(info) if augment == "crop_flip" else 0)
     stop = end_step if end_step is not None else 2**62 // global_batch
     dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
-                                   skip_corrupt, channels, local, stop)
+                                   skip_corrupt, channels, local, stop, erase)
     if state is None and start_step:
         dataset = dataset[start_step:]
     iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
@@ -335,7 +350,8 @@ DECODE_THREADS = 2
 
 
 def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augment: str,
-                         image_size, skip_corrupt: bool, channels: int, local: int, n: int):
+                         image_size, skip_corrupt: bool, channels: int, local: int, n: int,
+                         erase: float = 0.0):
     """The grain MapDataset of n local uint8 batches, one element per step.
 
     In-memory images are gathered and augmented a batch at a time, vectorised (ArrayBatch);
@@ -347,9 +363,10 @@ def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augm
 
     if isinstance(source, ArraySource):
         return grain.MapDataset.range(0, n).map(
-            ArrayBatch(positions, source, augment if train else "none", _pad(info)))
+            ArrayBatch(positions, source, augment if train else "none", _pad(info),
+                       erase if train else 0.0))
     transform = _example_transform(source, info, train, augment, image_size, skip_corrupt,
-                                   channels)
+                                   channels, erase)
     return grain.MapDataset.range(0, n).map(DecodeBatch(positions, transform, local, not train))
 
 

@@ -57,6 +57,25 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pa
     return images
 
 
+def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float,
+                 area=(0.02, 0.4), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
+    """Random erasing (Zhong et al. 2020): with `probability`, one rectangle of `area` of the
+    image and aspect `ratio` filled with uniform random values (uint8 HWC; a new array)."""
+    if probability <= 0 or rng.random() >= probability:
+        return image
+    h, w, c = image.shape
+    for _ in range(10):
+        target = h * w * rng.uniform(*area)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        eh, ew = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
+            out = image.copy()
+            out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, c), np.uint8)
+            return out
+    return image
+
+
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 

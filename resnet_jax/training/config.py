@@ -84,6 +84,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "augment": Field("", "train augmentation; '': the dataset's default",
                          ("",) + AUGMENTATIONS),
         "channels": Field(0, "0: the dataset's; 3: grayscale repeated to RGB", (0, 1, 3)),
+        "random_erasing": Field(0.0, "probability per training image of erasing a random "
+                                     "rectangle (2-40% of the area) with random values "
+                                     "(Zhong et al. 2020); 0: off", bounds="[0, 1)"),
         "train_subset": Field(0, ">0: train on the first N examples only", bounds=">= 0"),
         "eval_subset": Field(0, ">0: evaluate on the first N examples only", bounds=">= 0"),
     },

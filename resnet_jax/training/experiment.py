@@ -156,7 +156,8 @@ def train_data(exp: Experiment, start_step: int = 0, position: dict | None = Non
     return pipeline.train_batches(
         exp.train_source, exp.info, c.batch_size, c.seed, start_step, c.augment or None,
         c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
-        state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps)
+        state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps,
+        erase=c.random_erasing)
 
 
 def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
