@@ -470,3 +470,39 @@ def test_random_erasing_erases_about_its_probability_of_images_and_is_reproducib
     rows, cols = np.nonzero(changed[np.argmax(hit)])
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert box >= len(rows) > 0.9 * box  # one filled rectangle
+
+
+def test_gradient_accumulation_gives_the_whole_batch_update():
+    """Four micro-batches of 4, gradients averaged, against one batch of 16: the same
+    parameters after three SGD steps with momentum and weight decay (a model without
+    BatchNorm, whose statistics would be per micro-batch)."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10)(x)
+
+    c = _opt_config(optimizer="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3,
+                    schedule="constant")
+    tx, schedule = make_optimizer(c, durations(c, 10))
+    model = Net()
+    state = create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.normal(size=(16, 8, 8, 1)).astype(np.float32),
+                "label": rng.integers(0, 10, 16).astype(np.int32)} for _ in range(3)]
+    results = []
+    for k in (1, 4):
+        step = jax.jit(make_train_step(model, tx, schedule, get_loss("softmax_cross_entropy"),
+                                       accumulate=k))
+        s = state
+        for batch in batches:
+            s, metrics = step(s, batch, jax.random.key(1))
+        results.append((s.params, float(metrics["loss"])))
+    chex.assert_trees_all_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    assert abs(results[0][1] - results[1][1]) < 1e-5
+    with pytest.raises(ValueError, match="a batch of 16 per device does not split into "
+                                         "grad_accumulation_steps=3"):
+        jax.jit(make_train_step(model, tx, schedule, get_loss("softmax_cross_entropy"),
+                                accumulate=3))(state, batches[0], jax.random.key(1))

@@ -104,6 +104,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                          "update (Loshchilov & Hutter 2019)", WEIGHT_DECAY_MODES),
         "weight_decay_all": Field(False, "decay biases and BatchNorm parameters too"),
         "grad_clip": Field(0.0, ">0: clip gradients to this global norm", bounds=">= 0"),
+        "grad_accumulation_steps": Field(1, "split each device's batch into this many "
+                                            "micro-batches run in turn, gradients averaged: "
+                                            "the batch's update from less activation memory",
+                                         bounds=">= 1"),
         "loss": Field("softmax_cross_entropy", "training and evaluation loss", tuple(LOSSES)),
         "label_smoothing": Field(0.0, "label smoothing of the training loss", bounds="[0, 1)"),
     },

@@ -37,7 +37,8 @@ def _sum(x, axis_name: str | None):
 
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
                     loss_fn: Loss, axis_name: str | None = None,
-                    skip_nonfinite: bool = False, frozen_backbone: bool = False
+                    skip_nonfinite: bool = False, frozen_backbone: bool = False,
+                    accumulate: int = 1
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model`, optimizer `tx` and
     per-example `loss_fn(logits, labels)`.
@@ -52,26 +53,61 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     data moves on); `metrics["finite"]` says which steps those were. With
     `frozen_backbone` the model runs in inference mode (BatchNorm on its running statistics,
     which stay as they are; no dropout): `tx` then updates only the head.
+
+    With `accumulate` = k > 1 the (per-device) batch is split into k equal micro-batches
+    that run one after another (lax.scan: the activations of one at a time), their mean
+    gradients averaged: the update of the whole batch, from a k-th of the activation
+    memory. BatchNorm then normalises each micro-batch with its own statistics.
     """
+    if accumulate < 1:
+        raise ValueError(f"accumulate={accumulate}; expected an integer >= 1")
+
+    def gradients(params, batch_stats, images, labels, key):
+        """(loss, top-1 accuracy, new batch statistics), gradients of one (micro-)batch."""
+
+        def objective(params):
+            variables = {"params": params, "batch_stats": batch_stats}
+            if frozen_backbone:
+                logits = model.apply(variables, images, train=False)
+                updates = {}
+            else:
+                logits, updates = model.apply(variables, images, train=True,
+                                              mutable=["batch_stats"], rngs={"dropout": key})
+            loss = jnp.mean(loss_fn(logits, labels))
+            return loss, (logits, updates.get("batch_stats", batch_stats))
+
+        (loss, (logits, stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return (loss, jnp.mean(topk_correct(logits, labels, 1)), stats), grads
+
+    def accumulated(params, batch_stats, images, labels, key):
+        n = images.shape[0]
+        if n % accumulate:
+            raise ValueError(f"a batch of {n} per device does not split into "
+                             f"grad_accumulation_steps={accumulate} equal micro-batches")
+        split = lambda x: x.reshape(accumulate, n // accumulate, *x.shape[1:])  # noqa: E731
+
+        def body(carry, xs):
+            stats, grad_sum, loss_sum, hit_sum = carry
+            k, micro_images, micro_labels = xs
+            (loss, hits, stats), grads = gradients(params, stats, micro_images, micro_labels,
+                                                   jax.random.fold_in(key, k))
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            return (stats, grad_sum, loss_sum + loss, hit_sum + hits), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        start = (batch_stats, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (stats, grad_sum, loss_sum, hit_sum), _ = lax.scan(
+            body, start, (jnp.arange(accumulate), split(images), split(labels)))
+        grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
+        return (loss_sum / accumulate, hit_sum / accumulate, stats), grads
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         key = jax.random.fold_in(rng, state.step)
         if axis_name:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
-
-        def objective(params):
-            variables = {"params": params, "batch_stats": state.batch_stats}
-            if frozen_backbone:
-                logits = model.apply(variables, batch["image"], train=False)
-                updates = {}
-            else:
-                logits, updates = model.apply(variables, batch["image"], train=True,
-                                              mutable=["batch_stats"], rngs={"dropout": key})
-            loss = jnp.mean(loss_fn(logits, batch["label"]))
-            return loss, (logits, updates.get("batch_stats", state.batch_stats))
-
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state.params)
+        compute = accumulated if accumulate > 1 else gradients
+        (loss, accuracy, batch_stats), grads = compute(
+            state.params, state.batch_stats, batch["image"], batch["label"], key)
         grads = _mean(grads, axis_name)
         loss = _mean(loss, axis_name)
         # Per-device BatchNorm normalises with each device's own statistics; the running
@@ -84,7 +120,7 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         grad_norm = optax.global_norm(grads)
         metrics = {
             "loss": loss,
-            "accuracy": _mean(jnp.mean(topk_correct(logits, batch["label"], 1)), axis_name),
+            "accuracy": _mean(accuracy, axis_name),
             "learning_rate": current_learning_rate(schedule, state.opt_state, state.step),
             "grad_norm": grad_norm,
             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
