@@ -78,6 +78,29 @@ def logged_step(workdir: str) -> int:
         return json.loads(lines[-2])["step"] if len(lines) > 1 else 0
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_for_step(proc, workdir: str, step: int, timeout: float = 240.0) -> int:
     start = time.time()
     while time.time() - start < timeout:
@@ -142,6 +165,7 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
         first = logged_step(workdir)
         kill_at = random.Random(seed).randrange(first + 1, 22)  # of 24 steps
         reached = wait_for_step(proc, workdir, kill_at)
+        workers = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -149,6 +173,12 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
             proc.kill()
     saved = complete_steps(workdir)
     assert proc.returncode == -signal.SIGKILL
+    # the input workers (and grain's resource tracker) do not outlive the training process
+    assert len(workers) >= 2, workers
+    deadline = time.time() + 15
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), [p for p in workers if alive(p)]
     err = run_to_end(killed, workdir)
     resumed = int(re.search(r"resumed from step (\d+)", err).group(1))
     # it resumed from the newest complete checkpoint, so it re-did only the steps after it

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -286,11 +288,22 @@ def _with_workers(dataset, workers: int, threads: int, info: DatasetInfo):
 
 
 def _init_worker(index: int, count: int) -> None:
-    """In each worker process: OpenCV on one thread (the workers are the parallelism)."""
+    """In each worker process: OpenCV on one thread (the workers are the parallelism), and a
+    watch that ends the worker when the training process is gone (a SIGKILL gives it no
+    chance to stop its workers, which would otherwise live on, orphaned)."""
     del index, count
     import cv2
 
     cv2.setNumThreads(1)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="resnet_jax-parent-watch", daemon=True).start()
 
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
