@@ -506,3 +506,59 @@ def test_gradient_accumulation_gives_the_whole_batch_update():
                                          "grad_accumulation_steps=3"):
         jax.jit(make_train_step(model, tx, schedule, get_loss("softmax_cross_entropy"),
                                 accumulate=3))(state, batches[0], jax.random.key(1))
+
+
+def test_mixup_and_cutmix_mix_each_image_with_the_next_and_weigh_the_labels():
+    from resnet_jax.training.mixing import mix_batch
+
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(6, 16, 16, 3)).astype(np.float32))
+    labels = jnp.arange(6, dtype=jnp.int32)
+    partner = jnp.roll(images, 1, axis=0)
+    mixed, a, b, lam = mix_batch(jax.random.key(3), images, labels, 0.4, 0.0)
+    np.testing.assert_array_equal(a, labels)
+    np.testing.assert_array_equal(b, jnp.roll(labels, 1))
+    assert 0.0 < float(lam) < 1.0
+    np.testing.assert_allclose(mixed, lam * images + (1 - lam) * partner, rtol=1e-6)
+    for seed in range(5):
+        mixed, _, _, lam = mix_batch(jax.random.key(seed), images, labels, 0.0, 1.0)
+        from_partner = np.all(np.asarray(mixed) == np.asarray(partner), axis=-1)
+        from_self = np.all(np.asarray(mixed) == np.asarray(images), axis=-1)
+        assert np.all(from_partner | from_self)  # every pixel comes whole from one image
+        # the same box in every image, and lam the share of pixels kept
+        np.testing.assert_array_equal(from_partner, np.broadcast_to(from_partner[0],
+                                                                    from_partner.shape))
+        np.testing.assert_allclose(1 - from_partner[0].mean(), float(lam), atol=1e-6)
+    same, _, _, one = mix_batch(jax.random.key(0), images, labels, 0.0, 0.0)
+    assert same is images and float(one) == 1.0
+
+
+def test_a_mixup_step_weighs_the_two_losses_by_lam():
+    """The step's loss with mixup equals lam * L(labels) + (1 - lam) * L(partners) on the
+    mixed images, computed outside the step with the same draws."""
+    import flax.linen as nn
+
+    from resnet_jax.training.mixing import mix_batch
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+    c = _opt_config(optimizer="sgd", learning_rate=0.1, schedule="constant")
+    tx, schedule = make_optimizer(c, durations(c, 10))
+    model, loss = Net(), get_loss("softmax_cross_entropy")
+    state = create_train_state(model, tx, jax.random.key(0), (4, 4, 1))
+    rng = np.random.default_rng(1)
+    batch = {"image": jnp.asarray(rng.normal(size=(8, 4, 4, 1)).astype(np.float32)),
+             "label": jnp.asarray(rng.integers(0, 10, 8).astype(np.int32))}
+    step = jax.jit(make_train_step(model, tx, schedule, loss, mix=(0.5, 0.0)))
+    _, metrics = step(state, batch, jax.random.key(2))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(2), 0), 1 << 20)
+    images, a, b, lam = mix_batch(key, batch["image"], batch["label"], 0.5, 0.0)
+    logits = model.apply({"params": state.params}, images)
+    expected = lam * jnp.mean(loss(logits, a)) + (1 - lam) * jnp.mean(loss(logits, b))
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
+    plain = float(jnp.mean(loss(model.apply({"params": state.params}, batch["image"]),
+                                batch["label"])))
+    assert abs(float(metrics["loss"]) - plain) > 1e-3  # mixing changed what was trained on

@@ -110,6 +110,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                          bounds=">= 1"),
         "loss": Field("softmax_cross_entropy", "training and evaluation loss", tuple(LOSSES)),
         "label_smoothing": Field(0.0, "label smoothing of the training loss", bounds="[0, 1)"),
+        "mixup_alpha": Field(0.0, "mixup (Zhang et al. 2018): Beta(alpha, alpha) weights of "
+                                  "each image and the next in the batch; 0: off",
+                             bounds=">= 0"),
+        "cutmix_alpha": Field(0.0, "CutMix (Yun et al. 2019): a box of the next image, area "
+                                   "1 - lam with lam ~ Beta(alpha, alpha); 0: off (with "
+                                   "mixup too: one of the two per batch)", bounds=">= 0"),
     },
     "schedule": {
         "num_epochs": Field(10, "training length in epochs (unless num_steps)", bounds="> 0"),

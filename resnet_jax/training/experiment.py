@@ -187,7 +187,8 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
         c.parallel,
         lambda axis: steps.make_train_step(model, tx, schedule, loss, axis,
                                            c.skip_nonfinite_steps, c.freeze == "backbone",
-                                           c.grad_accumulation_steps),
+                                           c.grad_accumulation_steps,
+                                           (c.mixup_alpha, c.cutmix_alpha)),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
         c.batch_size, eval_batch_size(c), jit_options(c))

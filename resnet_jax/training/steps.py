@@ -14,6 +14,7 @@ import optax
 from jax import lax
 
 from resnet_jax.training.losses import Loss
+from resnet_jax.training.mixing import mix_batch
 from resnet_jax.training.optim import current_learning_rate
 from resnet_jax.training.state import TrainState
 
@@ -38,7 +39,7 @@ def _sum(x, axis_name: str | None):
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
                     loss_fn: Loss, axis_name: str | None = None,
                     skip_nonfinite: bool = False, frozen_backbone: bool = False,
-                    accumulate: int = 1
+                    accumulate: int = 1, mix: tuple[float, float] = (0.0, 0.0)
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model`, optimizer `tx` and
     per-example `loss_fn(logits, labels)`.
@@ -58,12 +59,20 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     that run one after another (lax.scan: the activations of one at a time), their mean
     gradients averaged: the update of the whole batch, from a k-th of the activation
     memory. BatchNorm then normalises each micro-batch with its own statistics.
+
+    `mix` = (mixup alpha, CutMix alpha), 0 for off: each device's batch is mixed on the
+    device (`mixing.mix_batch`) and the loss is lam * L(labels) + (1 - lam) * L(partner
+    labels), which is the loss against the mixed one-hot targets for these linear losses;
+    `accuracy` is then weighted the same way.
     """
+    mixing = mix[0] > 0 or mix[1] > 0
     if accumulate < 1:
         raise ValueError(f"accumulate={accumulate}; expected an integer >= 1")
 
-    def gradients(params, batch_stats, images, labels, key):
-        """(loss, top-1 accuracy, new batch statistics), gradients of one (micro-)batch."""
+    def gradients(params, batch_stats, images, targets, key):
+        """(loss, top-1 accuracy, new batch statistics), gradients of one (micro-)batch;
+        targets = (labels, partner labels, weight of labels)."""
+        labels, partners, lam = targets
 
         def objective(params):
             variables = {"params": params, "batch_stats": batch_stats}
@@ -74,12 +83,18 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
                 logits, updates = model.apply(variables, images, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": key})
             loss = jnp.mean(loss_fn(logits, labels))
+            if mixing:
+                loss = lam * loss + (1.0 - lam) * jnp.mean(loss_fn(logits, partners))
             return loss, (logits, updates.get("batch_stats", batch_stats))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        return (loss, jnp.mean(topk_correct(logits, labels, 1)), stats), grads
+        hits = jnp.mean(topk_correct(logits, labels, 1))
+        if mixing:
+            hits = lam * hits + (1.0 - lam) * jnp.mean(topk_correct(logits, partners, 1))
+        return (loss, hits, stats), grads
 
-    def accumulated(params, batch_stats, images, labels, key):
+    def accumulated(params, batch_stats, images, targets, key):
+        labels, partners, lam = targets
         n = images.shape[0]
         if n % accumulate:
             raise ValueError(f"a batch of {n} per device does not split into "
@@ -88,16 +103,17 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
 
         def body(carry, xs):
             stats, grad_sum, loss_sum, hit_sum = carry
-            k, micro_images, micro_labels = xs
-            (loss, hits, stats), grads = gradients(params, stats, micro_images, micro_labels,
-                                                   jax.random.fold_in(key, k))
+            k, micro_images, micro_labels, micro_partners = xs
+            (loss, hits, stats), grads = gradients(
+                params, stats, micro_images, (micro_labels, micro_partners, lam),
+                jax.random.fold_in(key, k))
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             return (stats, grad_sum, loss_sum + loss, hit_sum + hits), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         start = (batch_stats, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (stats, grad_sum, loss_sum, hit_sum), _ = lax.scan(
-            body, start, (jnp.arange(accumulate), split(images), split(labels)))
+            body, start, (jnp.arange(accumulate), split(images), split(labels), split(partners)))
         grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
         return (loss_sum / accumulate, hit_sum / accumulate, stats), grads
 
@@ -105,9 +121,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         key = jax.random.fold_in(rng, state.step)
         if axis_name:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
+        images, labels, partners, lam = mix_batch(
+            jax.random.fold_in(key, 1 << 20), batch["image"], batch["label"], *mix)
         compute = accumulated if accumulate > 1 else gradients
         (loss, accuracy, batch_stats), grads = compute(
-            state.params, state.batch_stats, batch["image"], batch["label"], key)
+            state.params, state.batch_stats, images, (labels, partners, lam), key)
         grads = _mean(grads, axis_name)
         loss = _mean(loss, axis_name)
         # Per-device BatchNorm normalises with each device's own statistics; the running
