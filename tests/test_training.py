@@ -562,3 +562,27 @@ def test_a_mixup_step_weighs_the_two_losses_by_lam():
     plain = float(jnp.mean(loss(model.apply({"params": state.params}, batch["image"]),
                                 batch["label"])))
     assert abs(float(metrics["loss"]) - plain) > 1e-3  # mixing changed what was trained on
+
+
+def test_a_short_bfloat16_run_trains_close_to_the_float32_run(tmp_path, real_fashion_mnist):
+    """dtype=bfloat16 computes in bfloat16 with float32 parameters, end to end through the
+    loop; two epochs on 2,048 images end near the float32 run (measured: train loss 0.651
+    against 0.640, test accuracy 74.6% against 76.4%)."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        c = quick_fashion_config(dtype=dtype, train_subset=2048)
+        record = loop.train_and_evaluate(c, str(tmp_path / dtype))
+        results[dtype] = record
+        exp = experiment.setup(c, load_train=False)
+        state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
+        _, inner = jax.eval_shape(lambda p: exp.model.apply(
+            {"params": p, "batch_stats": state.batch_stats},
+            jnp.zeros((2, *exp.image_shape), jnp.float32), capture_intermediates=True,
+            mutable=["intermediates"]), state.params)
+        computed = {x.dtype for x in jax.tree.leaves(inner)}  # every module's output
+        assert (jnp.dtype("bfloat16") in computed) == (dtype == "bfloat16"), computed
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    f32, bf16 = results["float32"], results["bfloat16"]
+    assert abs(bf16["train_loss"] - f32["train_loss"]) < 0.1 * f32["train_loss"]
+    assert abs(bf16["test_accuracy"] - f32["test_accuracy"]) < 0.05
+    assert bf16["test_accuracy"] > 0.6
