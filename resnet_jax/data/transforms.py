@@ -87,16 +87,15 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def random_resized_crop(rng: np.random.Generator, image: np.ndarray, size: int,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
-    """Inception-style crop (Szegedy et al. 2015): random area and aspect, resized to size."""
-    h, w = image.shape[:2]
-    for _ in range(10):
-        area = h * w * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        ch, cw = int(round(np.sqrt(area / aspect))), int(round(np.sqrt(area * aspect)))
-        if 0 < ch <= h and 0 < cw <= w:
-            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-            return _resize(image[top:top + ch, left:left + cw], (size, size))
-    return center_crop(image, size)
+    """Inception-style crop (Szegedy et al. 2015) of a decoded image: the box of
+    `images.random_resized_crop_box`, resized to size by PIL (the pipeline before grain)."""
+    from resnet_jax.data.images import random_resized_crop_box
+
+    box = random_resized_crop_box(rng, image.shape[0], image.shape[1], scale, ratio)
+    if box is None:
+        return center_crop(image, size)
+    left, top, right, bottom = box
+    return _resize(image[top:bottom, left:right], (size, size))
 
 
 def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:

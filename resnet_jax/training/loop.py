@@ -65,7 +65,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     start_step = step = int(state.step)
     state = strategy.place_state(state)
     data = experiment.train_data(exp, start_step, position)
-    data_position = {"workers": config.data_workers, "state": data.get_state()}
+    data_state = data.get_state()  # the pipeline's position after the last step's batch
 
     history = [r for r in metrics.read_metrics(workdir) if r["step"] <= start_step]
     if chief:
@@ -113,7 +113,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     def save(which: str = "latest") -> None:
         flush()  # never save a state that went non-finite
         meta = checkpoint_lib.meta(experiment.run_identity(exp), dropout_rng, step,
-                                   d.steps_per_epoch, data_position)
+                                   d.steps_per_epoch,
+                                   {"workers": config.data_workers, "state": data_state})
         gathered = strategy.gather_state(state)
         (ckpt.save_best if which == "best" else ckpt.save_latest)(gathered, step, meta)
 
@@ -122,7 +123,6 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
             (batch, bad), data_state = next(batches)
             state, step_metrics = strategy.train_step(state, batch, dropout_rng)
             corrupt += bad
-            data_position = {"workers": config.data_workers, "state": data_state}
             pending.append(step_metrics)
             step += 1
             if len(pending) >= config.log_every_steps or step % d.steps_per_epoch == 0 \
