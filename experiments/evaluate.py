@@ -1,6 +1,13 @@
-"""Evaluate the best checkpoint of a run and print top-1/top-5 and per-class accuracy as JSON.
+"""Evaluate a run's selected checkpoint on one of its splits; print top-1/top-5 and
+per-class accuracy as JSON.
 
-    python -m experiments.evaluate --workdir DIR [--split test] [--checkpoint best|latest]
+    python -m experiments.evaluate --workdir DIR [--split test|validation|train|NAME]
+        [--checkpoint selected|best|latest] [--ema | --no-ema]
+
+The splits are the run's: "train" (less any held-out validation examples), "validation"
+(held out of train by the run's seed, or the dataset's validation split) and "test" (the
+run's eval_split); any other NAME is that split of the dataset. "selected" is the model the
+run handed over (chosen on validation; the last step without one).
 """
 
 from __future__ import annotations
@@ -10,14 +17,18 @@ import json
 import sys
 
 
-def evaluate_run(workdir: str, split: str = "test", which: str = "best") -> dict:
-    """Metrics of checkpoint `which` (best or latest) of the run in `workdir` on `split`."""
+def evaluate_run(workdir: str, split: str = "test", which: str = "selected",
+                 ema: bool | None = None) -> dict:
+    """Metrics of checkpoint `which` (selected, best or latest) of the run in `workdir` on
+    `split`."""
     from resnet_jax import Run
 
-    run = Run.load(workdir, which)
+    run = Run.load(workdir, which, ema)
     result = run.evaluate(split)
     return {
-        "workdir": workdir, "checkpoint": which, "step": run.step, "split": split,
+        "workdir": workdir, "checkpoint": run.which, "step": run.step,
+        "weights": "ema" if run.ema else "trained", "split": split,
+        "split_is": run.splits.get(split, f"the dataset's split {split!r}"),
         "count": result["count"], "top1_accuracy": result["accuracy"],
         "top5_accuracy": result["top5_accuracy"], "loss": result["loss"],
         "per_class_accuracy": dict(zip(run.class_names, result["per_class_accuracy"])),
@@ -28,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    parser.add_argument("--checkpoint", choices=("selected", "best", "latest"),
+                        default="selected")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="the EMA weights (default: as the run selected)")
     args = parser.parse_args(argv)
     try:
-        out = evaluate_run(args.workdir, args.split, args.checkpoint)
+        out = evaluate_run(args.workdir, args.split, args.checkpoint, args.ema)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

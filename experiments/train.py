@@ -62,6 +62,10 @@ def main(argv):
         print(f"stopped at step {record['step']} ({record['stopped']}); checkpoint saved")
     elif record:
         print(f"final: step {record['step']} test_accuracy {record['test_accuracy']:.4f}")
+        chosen = record.get("selected", {})
+        if chosen.get("by", "last step") != "last step":
+            print(f"selected by {chosen['by']}: step {chosen['step']} ({chosen['weights']} "
+                  f"weights) test_accuracy {chosen['test_accuracy']:.4f}")
 
 
 def run() -> None:

@@ -4,6 +4,7 @@ what is below them, and every config field is declared once and read."""
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import os
 import re
@@ -191,3 +192,20 @@ def test_an_unknown_field_on_the_command_line_is_a_clean_error(tmp_path, argumen
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_every_declared_config_field_is_read_outside_the_schema():
+    """No field is declared and then ignored: each is read (as `config.NAME` or `c.NAME`)
+    by the package or an entry point, not only by the schema itself."""
+    import re
+
+    from resnet_jax.training.config import FIELDS
+
+    files = [p for p in glob.glob(os.path.join(ROOT, "resnet_jax", "**", "*.py"), recursive=True)
+             + glob.glob(os.path.join(ROOT, "experiments", "*.py"))
+             if not p.endswith(os.path.join("training", "config.py"))]
+    config_py = open(os.path.join(ROOT, "resnet_jax", "training", "config.py")).read()
+    texts = [open(p).read() for p in files] + [config_py[config_py.index("FIELDS: dict"):]]
+    unread = [name for name in FIELDS
+              if not any(re.search(rf"\b(c|config|self\.config)\.{name}\b", t) for t in texts)]
+    assert not unread, f"declared but never read: {unread}"

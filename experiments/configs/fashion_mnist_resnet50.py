@@ -20,7 +20,9 @@ def get_config():
     c.optimizer = "adam"
     c.learning_rate = 1e-3
     c.weight_decay = 0.0
-    c.schedule = "plateau"  # Keras' ReduceLROnPlateau on the epoch's training loss
+    c.schedule = "plateau"  # Keras' ReduceLROnPlateau on the validation loss
+    c.validation_split = 0.1  # 6,000 of the 60,000 training images
+    c.plateau_monitor = "val_loss"
     c.plateau_factor = 0.1
     c.plateau_patience = 10
     c.augment = "none"

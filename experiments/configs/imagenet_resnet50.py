@@ -17,7 +17,8 @@ def get_config():
     c = base_config()
     c.model = "resnet50"
     c.dataset = "imagenet2012"
-    c.eval_split = "validation"
+    c.eval_split = "validation"  # the test split: ImageNet's test labels are not public
+    c.validation_split = 0.01  # 12,812 training images held out for model selection
     c.image_size = 224
     c.batch_size = 256
     c.eval_batch_size = 250

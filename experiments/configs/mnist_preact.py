@@ -22,4 +22,5 @@ def get_config():
     c.weight_decay = 0.0
     c.schedule = "constant"
     c.augment = "none"
+    c.test_every_period = True  # reported only: the last step is the model
     return c

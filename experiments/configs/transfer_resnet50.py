@@ -25,6 +25,7 @@ def get_config():
     c.channels = 3
     c.init_from = ""  # set on the command line: the converted weights' directory
     c.freeze = "backbone"
+    c.test_every_period = True  # reported only: the last step is the model
     c.optimizer = "adam"
     c.learning_rate = 1e-3
     c.weight_decay = 0.0

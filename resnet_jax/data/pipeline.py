@@ -138,7 +138,7 @@ class ArrayBatch:
     source: ArraySource
     augment: str
     pad: int
-    erase: float = 0.0  # random-erasing probability (train)
+    ops: transforms.ImageOps = transforms.ImageOps()  # per-image random operations (train)
 
     def __call__(self, step: int) -> Batch:
         if isinstance(self.positions, EvalPositions):
@@ -150,15 +150,9 @@ class ArrayBatch:
         if self.augment in ("flip", "crop_flip"):
             images = transforms.pad_crop_flip(
                 images, offsets, flips, self.pad if self.augment == "crop_flip" else 0)
-        if self.erase:
-            images = np.stack([transforms.random_erase(image, _erase_rng(seed), self.erase)
-                               for image, seed in zip(images, seeds)])
+        if self.ops:
+            images = np.stack([self.ops(image, seed) for image, seed in zip(images, seeds)])
         return {"image": images, "label": labels}
-
-
-def _erase_rng(seed: int) -> np.random.Generator:
-    """The random-erasing draws of the example whose seed is `seed` (its own stream)."""
-    return np.random.default_rng([int(seed), 2])
 
 
 @dataclasses.dataclass
@@ -173,7 +167,7 @@ class DecodeCrop:
     train: bool
     skip_corrupt: bool = False
     channels: int = 3
-    erase: float = 0.0  # random-erasing probability (train)
+    ops: transforms.ImageOps = transforms.ImageOps()  # per-image random operations (train)
 
     def _load(self, index: int, seed: int | None) -> tuple[np.ndarray, Any]:
         item = self.source[index]
@@ -188,8 +182,8 @@ class DecodeCrop:
                 return images.random_resized_crop_box(rng, h, w) or images.center_crop_box(h, w)
         image = images.crop_resize(item["data"], item["where"], self.size, box, flip,
                                    self.channels)
-        if self.erase and seed is not None:
-            image = transforms.random_erase(image, _erase_rng(seed), self.erase)
+        if self.ops and seed is not None:
+            image = self.ops(image, seed)
         return image, item["label"]
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -307,12 +301,13 @@ def _init_worker(index: int, count: int) -> None:
 
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
-                       skip_corrupt: bool, channels: int, erase: float = 0.0):
+                       skip_corrupt: bool, channels: int,
+                       ops: transforms.ImageOps = transforms.ImageOps()):
     if train and augment not in ("inception", "none"):
         raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
                          f"images are decoded per example: use 'inception' or 'none'")
     return DecodeCrop(source, image_size or 224, train and augment == "inception", skip_corrupt,
-                      channels, erase if train else 0.0)
+                      channels, ops if train else transforms.ImageOps())
 
 
 def _pad(info: DatasetInfo) -> int:
@@ -324,14 +319,17 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
                   end_step: int | None = None, threads: int | None = None,
-                  erase: float = 0.0):
+                  erase: float = 0.0, policy: str = "", policy_ops: int = 2,
+                  policy_magnitude: int = 9):
     """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
     {'image': float32, 'label': int32[, 'corrupt': per-example count of unreadable files
     replaced]} with `get_state()`.
 
     Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
-    process); the batches and their order do not depend on it. `erase`: the probability of
-    random erasing per image, after the other augmentation.
+    process); the batches and their order do not depend on it. After the crop and flip, each
+    image gets the automatic augmentation `policy` ('rand_augment': `policy_ops` operations
+    at bin `policy_magnitude` of 31; 'trivial_augment_wide'), then random erasing with
+    probability `erase`.
     """
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
@@ -342,7 +340,9 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                                _pad(info) if augment == "crop_flip" else 0)
     stop = end_step if end_step is not None else 2**62 // global_batch
     dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
-                                   skip_corrupt, channels, local, stop, erase)
+                                   skip_corrupt, channels, local, stop,
+                                   transforms.ImageOps(erase, policy, policy_ops,
+                                                       policy_magnitude))
     if state is None and start_step:
         dataset = dataset[start_step:]
     iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
@@ -364,7 +364,7 @@ DECODE_THREADS = 2
 
 def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augment: str,
                          image_size, skip_corrupt: bool, channels: int, local: int, n: int,
-                         erase: float = 0.0):
+                         ops: transforms.ImageOps = transforms.ImageOps()):
     """The grain MapDataset of n local uint8 batches, one element per step.
 
     In-memory images are gathered and augmented a batch at a time, vectorised (ArrayBatch);
@@ -377,9 +377,9 @@ def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augm
     if isinstance(source, ArraySource):
         return grain.MapDataset.range(0, n).map(
             ArrayBatch(positions, source, augment if train else "none", _pad(info),
-                       erase if train else 0.0))
+                       ops if train else transforms.ImageOps()))
     transform = _example_transform(source, info, train, augment, image_size, skip_corrupt,
-                                   channels, erase)
+                                   channels, ops)
     return grain.MapDataset.range(0, n).map(DecodeBatch(positions, transform, local, not train))
 
 

@@ -140,6 +140,42 @@ def subset(source: Source, n: int) -> Source:
     return _Head(source, n)
 
 
+def take(source: Source, indices: np.ndarray) -> Source:
+    """The examples of `source` at `indices`, in that order."""
+    indices = np.asarray(indices, np.int64)
+    if isinstance(source, ArraySource):
+        return ArraySource(source.images[indices], source.labels[indices])
+    if isinstance(source, FileSource):
+        return FileSource([source.paths[i] for i in indices], source.labels[indices])
+    return _Taken(source, indices)
+
+
+def holdout(source: Source, fraction: float, seed: int, salt: int = 7
+            ) -> tuple[Source, Source]:
+    """(rest, held out): `fraction` of the examples, chosen by `seed`, held out; both keep
+    the source's order. The same (length, fraction, seed) always holds out the same ones."""
+    n = len(source)
+    held = max(1, int(round(n * fraction)))
+    if not 0 < fraction < 1 or held >= n:
+        raise ValueError(f"holding out a fraction {fraction} of {n} examples leaves no "
+                         f"training examples; expected a fraction in (0, 1)")
+    order = np.random.default_rng([seed, salt]).permutation(n)
+    return take(source, np.sort(order[held:])), take(source, np.sort(order[:held]))
+
+
+class _Taken:
+    """The items of a random-access source at given indices."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[index])]
+
+
 class _Head:
     """The first n items of a random-access source."""
 
@@ -220,16 +256,11 @@ def scan_image_folder(root: str, holdout_fraction: float = 0.1, seed: int = 0
             _, p, l = _scan_split(directory, classes)
             splits[split] = FileSource(p, np.asarray(l, np.int32))
     if "val" not in splits and holdout_fraction > 0:
-        n = len(paths)
-        held = max(1, int(round(n * holdout_fraction)))
-        if held >= n:
-            raise ValueError(f"holdout_fraction={holdout_fraction} leaves no training images "
-                             f"of the {n} in {train_dir}")
-        order = np.random.default_rng([seed, 7]).permutation(n)
-        val, train = np.sort(order[:held]), np.sort(order[held:])
-        labels_all = splits["train"].labels
-        splits["val"] = FileSource([paths[i] for i in val], labels_all[val])
-        splits["train"] = FileSource([paths[i] for i in train], labels_all[train])
+        try:
+            splits["train"], splits["val"] = holdout(splits["train"], holdout_fraction, seed)
+        except ValueError as err:
+            raise ValueError(f"holdout_fraction={holdout_fraction} for {train_dir}: {err}") \
+                from None
     return tuple(classes), splits
 
 

@@ -4,6 +4,8 @@ across processes or on where a run was resumed."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 AUGMENTATIONS = ("none", "flip", "crop_flip", "inception")
@@ -74,6 +76,43 @@ def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float
             out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, c), np.uint8)
             return out
     return image
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOps:
+    """The per-image random operations of training, after the crop and flip: an automatic
+    augmentation `policy` ('rand_augment' with `num_ops` at bin `magnitude`, or
+    'trivial_augment_wide'; '' for none), then random erasing with probability `erase`.
+    Each draws from its own stream of the example's seed."""
+
+    erase: float = 0.0
+    policy: str = ""
+    num_ops: int = 2
+    magnitude: int = 9
+
+    def __post_init__(self):
+        from resnet_jax.data.autoaugment import BINS, POLICIES
+
+        if self.policy and self.policy not in POLICIES:
+            raise ValueError(f"auto_augment={self.policy!r}; expected one of {('',) + POLICIES}")
+        if not 0 <= self.magnitude < BINS:
+            raise ValueError(f"magnitude={self.magnitude}; expected 0..{BINS - 1}")
+
+    def __bool__(self) -> bool:
+        return bool(self.erase or self.policy)
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        if self.policy:
+            from resnet_jax.data import autoaugment
+
+            rng = np.random.default_rng([int(seed), 3])
+            if self.policy == "rand_augment":
+                image = autoaugment.rand_augment(image, rng, self.num_ops, self.magnitude)
+            else:
+                image = autoaugment.trivial_augment_wide(image, rng)
+        if self.erase:
+            image = random_erase(image, np.random.default_rng([int(seed), 2]), self.erase)
+        return image
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -110,6 +110,13 @@ _REGISTRY["fashion_mnist_resnet8"] = ModelSpec(
     "ResNet-8 for 28x28 inputs: 3x3/2 stem, one basic block per stage (32, 64, 128), "
     "projection shortcuts; the main job's net, sized for a 2-core CPU",
 )
+_REGISTRY["fashion_mnist_wide_resnet8"] = ModelSpec(
+    ResNet,
+    dict(stage_sizes=(1, 1, 1), stage_widths=(64, 128, 256), stem_width=64, stem_kernel=3,
+         stem_strides=2, stem_pool=False),
+    MNIST, 10,
+    "fashion_mnist_resnet8 at twice the width (64, 128, 256): fashion_mnist_best's net",
+)
 _REGISTRY["alexnet"] = ModelSpec(
     AlexNet, {}, IMAGENET, 1000,
     "AlexNet as in Krizhevsky et al. 2012: LRN, two towers (grouped conv2/4/5)",

@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.data.sources import DATA_SOURCES, DATASETS
+from resnet_jax.data.autoaugment import BINS, POLICIES
 from resnet_jax.data.transforms import AUGMENTATIONS
 from resnet_jax.models import get_spec
 from resnet_jax.training.losses import LOSSES
@@ -32,6 +33,8 @@ from resnet_jax.training.transfer import FREEZE_CHOICES
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 DTYPES = ("float32", "bfloat16")
 BOUNDARY_UNITS = ("steps", "epochs")
+MODES = ("auto", "min", "max")
+EVAL_METRICS = ("loss", "accuracy", "top5_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +81,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "skip_corrupt_images": Field(False, "an image that cannot be decoded is logged with "
                                             "its path and skipped (counted as corrupt_images) "
                                             "instead of stopping the run"),
-        "eval_split": Field("test", "the split evaluated after each period"),
+        "eval_split": Field("test", "the test split: evaluated once at the end (and after each "
+                                    "period with test_every_period), never for a decision"),
+        "validation_split": Field(0.0, "fraction of train held out for validation (chosen by "
+                                       "the seed); the best checkpoint, the plateau schedule and "
+                                       "early stopping decide on it", bounds="[0, 1)"),
+        "validation_dataset_split": Field("", "the dataset's own validation split instead (e.g. "
+                                              "'validation' in tfds, 'val' of an image folder)"),
+        "test_every_period": Field(False, "also evaluate the test split after each period "
+                                          "(test_* in metrics.jsonl, reported only)"),
         "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",
                             bounds=">= 0"),
         "augment": Field("", "train augmentation; '': the dataset's default",
@@ -87,6 +98,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "random_erasing": Field(0.0, "probability per training image of erasing a random "
                                      "rectangle (2-40% of the area) with random values "
                                      "(Zhong et al. 2020); 0: off", bounds="[0, 1)"),
+        "auto_augment": Field("", "per-image automatic augmentation after crop and flip: "
+                                  "'rand_augment' (Cubuk et al. 2020) or "
+                                  "'trivial_augment_wide' (Muller & Hutter 2021); '': off",
+                              ("",) + POLICIES),
+        "rand_augment_num_ops": Field(2, "RandAugment: operations per image", bounds=">= 1"),
+        "rand_augment_magnitude": Field(9, "RandAugment: magnitude bin, 0-30", bounds=">= 0"),
         "train_subset": Field(0, ">0: train on the first N examples only", bounds=">= 0"),
         "eval_subset": Field(0, ">0: evaluate on the first N examples only", bounds=">= 0"),
     },
@@ -131,11 +148,36 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "onecycle_div_factor": Field(25.0, "onecycle: peak / initial rate", bounds="> 0"),
         "onecycle_final_div_factor": Field(1e4, "onecycle: initial / final rate",
                                            bounds="> 0"),
-        "plateau_factor": Field(0.1, "plateau: the multiplier on a plateau", bounds="> 0"),
-        "plateau_patience": Field(5, "plateau: periods without improvement", bounds=">= 0"),
-        "plateau_cooldown": Field(0, "plateau: periods to wait after a cut", bounds=">= 0"),
-        "plateau_accumulation": Field(0, "plateau: steps averaged per period; 0: one epoch",
-                                      bounds=">= 0"),
+        "plateau_monitor": Field("val_loss", "plateau: the validation metric watched after "
+                                             "each period (val_loss, val_accuracy, "
+                                             "val_top5_accuracy, val_ema_*)"),
+        "plateau_mode": Field("auto", "plateau: 'min' or 'max' is better; 'auto': max for "
+                                      "accuracies, min otherwise (Keras)", MODES),
+        "plateau_factor": Field(0.1, "plateau: the learning rate's multiplier on a plateau",
+                                bounds="[0, 1)"),
+        "plateau_patience": Field(5, "plateau: periods without improvement before a cut",
+                                  bounds=">= 0"),
+        "plateau_cooldown": Field(0, "plateau: periods after a cut before counting again",
+                                  bounds=">= 0"),
+        "plateau_min_delta": Field(1e-4, "plateau: the least change that counts as an "
+                                         "improvement", bounds=">= 0"),
+        "plateau_min_lr": Field(0.0, "plateau: the learning rate is never cut below this",
+                                bounds=">= 0"),
+    },
+    "selection": {
+        "selection_metric": Field("val_accuracy", "the validation metric that picks the best "
+                                                  "checkpoint (val_* or, for the EMA weights, "
+                                                  "val_ema_*)"),
+        "selection_mode": Field("auto", "'min', 'max' or 'auto' (max for accuracies)", MODES),
+        "early_stopping_patience": Field(0, ">0: stop after this many periods without "
+                                            "improvement of selection_metric", bounds=">= 0"),
+        "early_stopping_min_delta": Field(0.0, "early stopping: the least change that counts "
+                                               "as an improvement", bounds=">= 0"),
+        "ema_decay": Field(0.0, "exponential moving average of parameters and batch statistics "
+                                "with this decay per step, evaluated as val_ema_*/test_ema_*; "
+                                "0: off", bounds="[0, 1)"),
+        "ema_warmup": Field(True, "EMA decay min(ema_decay, (1 + step) / (10 + step)), as "
+                                  "tf.train.ExponentialMovingAverage with num_updates"),
     },
     "devices": {
         "parallel": Field("single", "how the step runs on devices", STRATEGIES),
@@ -223,6 +265,44 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     get_spec(c.model)  # names the known models
     if c.schedule == "piecewise" and not len(c.lr_boundaries):
         raise ValueError("schedule='piecewise' needs lr_boundaries")
+    if c.rand_augment_magnitude >= BINS:
+        raise ValueError(f"rand_augment_magnitude={c.rand_augment_magnitude}; expected "
+                         f"0..{BINS - 1}")
+    _check_validation(c)
+
+
+def has_validation(c: ml_collections.ConfigDict) -> bool:
+    """Whether the run evaluates a validation split after each period."""
+    return bool(c.validation_split or c.validation_dataset_split)
+
+
+def _check_validation(c: ml_collections.ConfigDict) -> None:
+    if c.validation_split and c.validation_dataset_split:
+        raise ValueError(f"validation_split={c.validation_split} and validation_dataset_split="
+                         f"{c.validation_dataset_split!r}: set one of the two")
+    if c.validation_dataset_split and c.validation_dataset_split == c.eval_split:
+        raise ValueError(f"validation_dataset_split={c.validation_dataset_split!r} is also the "
+                         f"test split (eval_split): decisions would be taken on the test split")
+    needs = [f"schedule='plateau'"] if c.schedule == "plateau" else []
+    if c.early_stopping_patience:
+        needs.append(f"early_stopping_patience={c.early_stopping_patience}")
+    if needs and not has_validation(c):
+        raise ValueError(f"{' and '.join(needs)} decide on a validation split: set "
+                         f"validation_split (e.g. 0.1) or validation_dataset_split")
+    for name in ("selection_metric", "plateau_monitor"):
+        value = c[name]
+        allowed = [f"val_{m}" for m in EVAL_METRICS]
+        allowed += [f"val_ema_{m}" for m in EVAL_METRICS] if c.ema_decay else []
+        if value not in allowed:
+            hint = " (val_ema_* needs ema_decay > 0)" if value.startswith("val_ema_") else ""
+            raise ValueError(f"{name}={value!r}; expected one of {allowed}{hint}")
+
+
+def metric_mode(metric: str, mode: str) -> str:
+    """'min' or 'max': `mode`, or for 'auto' max for accuracies and min otherwise (Keras)."""
+    if mode != "auto":
+        return mode
+    return "max" if "acc" in metric else "min"
 
 
 def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
@@ -267,6 +347,8 @@ def load_config(path_or_name: str, **overrides: Any) -> ml_collections.ConfigDic
 
 # Fields renamed since runs were written: their config.json files still load.
 RENAMED = {"fast_cpu_conv": "cpu_kernels"}
+# Fields removed since: dropped when an old config.json is read.
+REMOVED = {"plateau_accumulation"}
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -275,7 +357,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
     with open(path) as f:
-        values = {RENAMED.get(k, k): v for k, v in json.load(f).items()}
+        values = {RENAMED.get(k, k): v for k, v in json.load(f).items() if k not in REMOVED}
     config = base_config()
     config.update(_tuples(values))
     validate_config(config)
@@ -302,7 +384,6 @@ class Durations:
     lr_boundaries: tuple[int, ...]
     eval_every_steps: int
     checkpoint_every_steps: int  # 0: only at evaluations
-    plateau_accumulation: int
 
 
 def durations(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
@@ -317,7 +398,6 @@ def durations(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
         lr_boundaries=tuple(int(round(b * unit)) for b in c.lr_boundaries),
         eval_every_steps=c.eval_every_epochs * steps_per_epoch,
         checkpoint_every_steps=c.checkpoint_every_steps,
-        plateau_accumulation=c.plateau_accumulation or steps_per_epoch,
     )
 
 

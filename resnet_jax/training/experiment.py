@@ -12,11 +12,11 @@ import ml_collections
 
 from resnet_jax.data import pipeline
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
-                                     load_source, subset)
+                                     holdout, load_source, subset)
 from resnet_jax.data.transforms import to_rgb
 from resnet_jax.models import get_model, get_spec
 from resnet_jax.training import steps, transfer
-from resnet_jax.training.config import Durations, durations, validate_config
+from resnet_jax.training.config import Durations, durations, has_validation, validate_config
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.optim import make_optimizer
 from resnet_jax.training.parallel import Strategy, make_strategy
@@ -29,7 +29,8 @@ class Experiment:
     config: ml_collections.ConfigDict
     info: DatasetInfo
     train_source: Any
-    eval_source: Any
+    eval_source: Any  # the test split (eval_split)
+    val_source: Any  # the validation split, or None
     image_shape: tuple[int, int, int]
     num_classes: int
     model: Any
@@ -112,11 +113,41 @@ def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
     return dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
 
 
+ROLES = ("train", "validation", "test")
+
+
+def split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """The run's splits by role, as evaluate.py and Run.evaluate name them, each described."""
+    names = {"train": "train"}
+    if config.validation_split:
+        names["train"] = f"train less the held-out {config.validation_split:g}"
+        names["validation"] = f"{config.validation_split:g} of train held out (seed {config.seed})"
+    elif config.validation_dataset_split:
+        names["validation"] = config.validation_dataset_split
+    names["test"] = config.eval_split
+    return names
+
+
 def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
-    """A split of the config's dataset as the model sees it: its first `n` examples (all when
-    0), grayscale repeated to RGB when `channels=3` asks for it."""
-    source = subset(load_source(config.dataset, split, config.data_dir or None,
-                                config.data_source, config.holdout_fraction, config.seed), n)
+    """A split of the run as the model sees it: its first `n` examples (all when 0),
+    grayscale repeated to RGB when `channels=3` asks for it.
+
+    `split` is a role or a dataset split: "train" (less the held-out validation examples),
+    "validation" (the held-out `validation_split` of train, chosen by the seed, or the
+    dataset's `validation_dataset_split`), "test" (`eval_split`); any other name is the
+    dataset's split of that name."""
+    if split == "validation" and "validation" not in split_names(config):
+        raise ValueError("this run has no validation split (validation_split=0 and "
+                         "validation_dataset_split=''); its splits: train, test "
+                         f"({config.eval_split!r})")
+    if split in ("train", "validation") and config.validation_split:
+        train = _load(config, "train")
+        rest, held = holdout(train, config.validation_split, config.seed, salt=11)
+        source = rest if split == "train" else held
+    else:
+        name = {"validation": config.validation_dataset_split, "test": config.eval_split}
+        source = _load(config, name.get(split) or split)
+    source = subset(source, n)
     shape = image_shape(config)
     if isinstance(source, ArraySource):
         if source.images.shape[-1] != shape[-1]:
@@ -125,6 +156,11 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
             raise ValueError(f"{config.dataset} images have shape {source.images.shape[1:]}, "
                              f"expected {shape}")
     return source
+
+
+def _load(config: ml_collections.ConfigDict, split: str):
+    return load_source(config.dataset, split, config.data_dir or None, config.data_source,
+                       config.holdout_fraction, config.seed)
 
 
 def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
@@ -136,14 +172,16 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     shape = image_shape(config)
     check_input_shape(model, config.model, shape)  # before any data is read
     train_source = load_split(config, "train", config.train_subset) if load_train else None
-    eval_source = load_split(config, config.eval_split, config.eval_subset)
+    eval_source = load_split(config, "test", config.eval_subset)
+    val_source = (load_split(config, "validation", config.eval_subset)
+                  if has_validation(config) else None)
     n_train = len(train_source) if train_source is not None else config.batch_size
     d = durations(config, pipeline.steps_per_epoch(n_train, config.batch_size))
     tx, schedule = make_optimizer(config, d)
     if config.freeze == "backbone":
         tx = transfer.freeze_backbone(tx)
-    return Experiment(config, info, train_source, eval_source, shape, num_classes, model, tx,
-                      schedule, d)
+    return Experiment(config, info, train_source, eval_source, val_source, shape, num_classes,
+                      model, tx, schedule, d)
 
 
 def train_data(exp: Experiment, start_step: int = 0, position: dict | None = None):
@@ -157,7 +195,8 @@ def train_data(exp: Experiment, start_step: int = 0, position: dict | None = Non
         exp.train_source, exp.info, c.batch_size, c.seed, start_step, c.augment or None,
         c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
         state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps,
-        erase=c.random_erasing)
+        erase=c.random_erasing, policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
+        policy_magnitude=c.rand_augment_magnitude)
 
 
 def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -188,7 +227,8 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
         lambda axis: steps.make_train_step(model, tx, schedule, loss, axis,
                                            c.skip_nonfinite_steps, c.freeze == "backbone",
                                            c.grad_accumulation_steps,
-                                           (c.mixup_alpha, c.cutmix_alpha)),
+                                           (c.mixup_alpha, c.cutmix_alpha),
+                                           (c.ema_decay, c.ema_warmup)),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
         c.batch_size, eval_batch_size(c), jit_options(c))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -19,10 +20,10 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.data import pipeline
-from resnet_jax.training import experiment, guard, metrics, transfer
+from resnet_jax.training import experiment, guard, metrics, selection, transfer
 from resnet_jax.training import checkpoint as checkpoint_lib
 from resnet_jax.training.checkpoint import Checkpointer
-from resnet_jax.training.evaluation import evaluate
+from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
 from resnet_jax.training.experiment import Experiment
 from resnet_jax.training.parallel import fetch, maybe_initialize_distributed
 from resnet_jax.training.state import create_train_state
@@ -53,25 +54,26 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         _write_config(config, workdir)
     strategy = experiment.build_strategy(exp)
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
-    state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(
-        exp.model, exp.tx, init_rng, exp.image_shape)
+    state = jax.jit(create_train_state, static_argnums=(0, 1, 3, 4))(
+        exp.model, exp.tx, init_rng, exp.image_shape, config.ema_decay > 0)
     where = os.path.join(workdir, "checkpoints")
     ckpt = Checkpointer(where, keep=config.keep_checkpoints)
     try:
-        state, position = _restore_or_initialize(exp, state, ckpt, where, chief)
+        state, saved = _restore_or_initialize(exp, state, ckpt, where, chief)
     except BaseException:
         ckpt.close()
         raise
     start_step = step = int(state.step)
     state = strategy.place_state(state)
-    data = experiment.train_data(exp, start_step, position)
+    data = experiment.train_data(exp, start_step, saved.get("pipeline"))
     data_state = data.get_state()  # the pipeline's position after the last step's batch
 
     history = [r for r in metrics.read_metrics(workdir) if r["step"] <= start_step]
     if chief:
         metrics.rewrite_metrics(workdir, history)  # drop records past the resumed step
     writer = metrics.MetricWriter(workdir, enabled=chief)
-    best_accuracy = max((r["test_accuracy"] for r in history), default=-1.0)
+    decisions = (selection.Decisions.from_dict(saved["decisions"]) if saved.get("decisions")
+                 else selection.initial(config))
     record: dict[str, Any] = history[-1] if history else {}
     batches = pipeline.prefetch(data, lambda b: (strategy.put_train_batch(
         {"image": b["image"], "label": b["label"]}), int(np.sum(b.get("corrupt", 0)))),
@@ -81,7 +83,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched from the devices
     period = metrics.Mean()  # train metrics since the last evaluation
     speed = metrics.Throughput(config.batch_size, start_step)
-    skipped, stopped = 0, ""
+    started = time.monotonic() - record.get("wall_seconds", 0.0)  # a resumed run goes on counting
+    skipped, stopped, early, confusion = 0, "", False, {}
 
     def flush() -> None:
         """Fetch the pending metrics; stop on a non-finite step (or skip it); log the rest."""
@@ -115,6 +118,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         meta = checkpoint_lib.meta(experiment.run_identity(exp), dropout_rng, step,
                                    d.steps_per_epoch,
                                    {"workers": config.data_workers, "state": data_state})
+        if decisions is not None:
+            meta["decisions"] = decisions.to_dict()
         gathered = strategy.gather_state(state)
         (ckpt.save_best if which == "best" else ckpt.save_latest)(gathered, step, meta)
 
@@ -130,8 +135,19 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 flush()
             if step % d.eval_every_steps == 0 or step == d.total_steps:
                 flush()
-                result = _evaluate(exp, state, strategy)
-                record = _record(step, d, period, speed, result, skipped)
+                record = _record(step, d, period, speed, skipped)
+                record["wall_seconds"] = round(time.monotonic() - started, 2)
+                new_best = False
+                if decisions is not None:
+                    record.update(evaluate_split(exp, state, strategy, "val"))
+                    scale = decisions.plateau and decisions.plateau.scale
+                    decisions, new_best, early = selection.decide(config, decisions, record, step)
+                    if decisions.plateau and decisions.plateau.scale != scale:
+                        state = strategy.place_state(with_plateau_scale(
+                            strategy.gather_state(state), decisions.plateau.scale))
+                if config.test_every_period or early or step == d.total_steps:
+                    record.update(evaluate_split(exp, state, strategy, "test"))
+                confusion = {k: record.pop(k) for k in list(record) if k.endswith("_confusion")}
                 if config.skip_corrupt_images:
                     record["corrupt_images"] = corrupt
                 period = metrics.Mean()
@@ -140,17 +156,20 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 if chief:
                     bar.write(_summary_line(record))
                 save()
-                if result["accuracy"] > best_accuracy:
-                    best_accuracy = result["accuracy"]
+                if new_best:
                     save("best")
                 speed.restart(step)  # evaluation time is not training throughput
             elif d.checkpoint_every_steps and step % d.checkpoint_every_steps == 0:
                 save()
+            if early:
+                log.info("early stopping at step %d: %s did not improve for %d periods", step,
+                         config.selection_metric, config.early_stopping_patience)
+                break
             if guard.stop_requested(stop, step, config.log_every_steps):
                 stopped = stop.name or "stop"
                 save()
                 break
-        if step == d.end_step:
+        if step == d.end_step or early:
             save()
     finally:
         batches.close()
@@ -164,25 +183,21 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
             print(f"received {stopped} at step {step}: checkpoint saved to {where}; run the "
                   "same command again to resume from it", file=sys.stderr, flush=True)
         return dict(record, stopped=stopped, step=step)
-    if step == d.total_steps and history:
-        final = _evaluate(exp, state, strategy)  # every process takes part
+    if (step == d.total_steps or early) and history:
+        chosen = selected(exp, state, strategy, decisions, record, confusion, where)  # all processes
         if chief:
+            metrics.write_json(os.path.join(workdir, "selected.json"), chosen["summary"])
             plots = os.path.join(workdir, "plots")
             metrics.plot_curves(history, os.path.join(plots, "curves.png"))
-            metrics.plot_confusion_matrix(final["confusion"], exp.info.class_names,
+            metrics.plot_confusion_matrix(chosen["confusion"], exp.info.class_names,
                                           os.path.join(plots, "confusion_matrix.png"))
+        return dict(record, selected=chosen["summary"])
     return record
-
-
-def _evaluate(exp: Experiment, state, strategy) -> dict[str, Any]:
-    return evaluate(strategy.eval_step, state, exp.eval_source, exp.info,
-                    experiment.eval_batch_size(exp.config), exp.config.image_size or None, strategy,
-                    **experiment.eval_data_options(exp.config))
 
 
 def _restore_or_initialize(exp: Experiment, state, ckpt: Checkpointer, where: str,
                            chief: bool):
-    """(state, input pipeline position or None): the latest intact checkpoint that belongs to
+    """(state, the checkpoint's meta or {}): the latest intact checkpoint that belongs to
     this run; else the pretrained start of `init_from`; else `state` as initialised."""
     identity = experiment.run_identity(exp)
     restored = ckpt.restore_checked(
@@ -192,20 +207,18 @@ def _restore_or_initialize(exp: Experiment, state, ckpt: Checkpointer, where: st
         log.info("resumed from step %d", restored.step)
         if chief:
             print(f"resumed from step {restored.step}", file=sys.stderr, flush=True)
-        return restored.state, restored.meta.get("pipeline")
+        return restored.state, restored.meta
     if exp.config.init_from:
-        return transfer.init_from_pretrained(state, exp.tx, exp.config.init_from), None
-    return state, None
+        return transfer.init_from_pretrained(state, exp.tx, exp.config.init_from), {}
+    return state, {}
 
 
-def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput,
-            result: dict[str, Any], skipped: int) -> dict[str, Any]:
-    """One line of metrics.jsonl: every train metric's mean over the period (`train_` + key),
-    every evaluation mean (`test_` + key), and the period's throughput."""
+def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput, skipped: int
+            ) -> dict[str, Any]:
+    """The start of a line of metrics.jsonl: every train metric's mean over the period
+    (`train_` + key) and the period's throughput; the evaluations add `val_*`/`test_*`."""
     record: dict[str, Any] = {"step": step, "epoch": round(step / d.steps_per_epoch, 4)}
     record.update({f"train_{k}": v for k, v in period.result().items()})
-    record.update({f"test_{k}": v for k, v in result.items()
-                   if k not in ("confusion", "per_class_accuracy")})
     record["images_per_second"] = speed.period()
     if skipped:
         record["skipped_steps"] = skipped
@@ -213,9 +226,12 @@ def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput,
 
 
 def _summary_line(r: dict[str, Any]) -> str:
-    return (f"epoch {r['epoch']:g}: train loss {r.get('train_loss', float('nan')):.4f} acc "
-            f"{r.get('train_accuracy', float('nan')):.4f} | test loss {r['test_loss']:.4f} acc "
-            f"{r['test_accuracy']:.4f} | {r['images_per_second']:.0f} img/s")
+    line = (f"epoch {r['epoch']:g}: train loss {r.get('train_loss', float('nan')):.4f} acc "
+            f"{r.get('train_accuracy', float('nan')):.4f}")
+    for split in ("val", "val_ema", "test", "test_ema"):
+        if f"{split}_loss" in r:
+            line += f" | {split} loss {r[f'{split}_loss']:.4f} acc {r[f'{split}_accuracy']:.4f}"
+    return line + f" | {r['images_per_second']:.0f} img/s"
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

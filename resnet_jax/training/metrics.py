@@ -149,24 +149,41 @@ def summarize_eval(sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str) -> None:
-    """Loss and accuracy per epoch, train and test, side by side."""
+    """Loss and accuracy per epoch, side by side: train, and each evaluated split (val,
+    val_ema, test, test_ema) where the records have it."""
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
 
-    epochs = [r["epoch"] for r in records]
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in records], "o-", label="train")
-        ax.plot(epochs, [r[f"test_{key}"] for r in records], "s-", label="test")
+        for split, marker in (("train", "o-"), ("val", "s-"), ("val_ema", "^-"),
+                              ("test", "D-"), ("test_ema", "v-")):
+            points = [(r["epoch"], r[f"{split}_{key}"]) for r in records
+                      if f"{split}_{key}" in r]
+            if points:
+                ax.plot(*zip(*points), marker, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend()
-    best = max(records, key=lambda r: r["test_accuracy"])
-    axes[1].set_title(f"best test accuracy {best['test_accuracy']:.4f} (epoch {best['epoch']:g})")
+    split = next((s for s in ("val", "test") if any(f"{s}_accuracy" in r for r in records)),
+                 None)
+    if split:
+        best = max((r for r in records if f"{split}_accuracy" in r),
+                   key=lambda r: r[f"{split}_accuracy"])
+        axes[1].set_title(f"best {split} accuracy {best[f'{split}_accuracy']:.4f} "
+                          f"(epoch {best['epoch']:g})")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=100)
+
+
+def write_json(path: str, value: Any) -> None:
+    """`value` as indented JSON at `path`, atomically."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: str) -> None:

@@ -3,7 +3,7 @@ duration already in steps (`config.durations`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +78,8 @@ def make_optimizer(config, d: Durations
     'decoupled' (Loshchilov & Hutter 2019), subtracted from the parameters at the learning
     rate's pace, outside the gradient's path. 'adamw' is Adam with decoupled decay, so it
     takes only that mode. Masked to kernels unless `weight_decay_all`. 'plateau' multiplies
-    the whole update by optax's reduce-on-plateau scale, fed with the training loss averaged
-    over `d.plateau_accumulation` steps.
+    the whole update by a multiplier that the loop cuts on the validation metric
+    (`selection.plateau_update`, Keras' ReduceLROnPlateau).
     """
     schedule = make_schedule(config, d)
     wd, mode, name = config.weight_decay, config.weight_decay_mode, config.optimizer
@@ -113,22 +113,50 @@ def make_optimizer(config, d: Durations
     return _with_plateau(config, d, optax.identity(), parts), schedule
 
 
+class PlateauScale(NamedTuple):
+    """The learning rate's multiplier set by the plateau schedule (selection.Plateau)."""
+
+    scale: jax.Array
+
+
+def scale_by_plateau() -> optax.GradientTransformation:
+    """Multiplies the updates by the multiplier in its state. The step never changes it: the
+    loop sets it (`with_plateau_scale`) when a validation period decides on a cut."""
+
+    def init(params):
+        del params
+        return PlateauScale(jnp.ones((), jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u: u * state.scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def _with_plateau(config, d: Durations, core, parts):
+    del d
     chain = [*parts, core]
     if config.schedule == "plateau":
-        chain.append(optax.contrib.reduce_on_plateau(
-            factor=config.plateau_factor, patience=config.plateau_patience,
-            cooldown=config.plateau_cooldown, accumulation_size=d.plateau_accumulation,
-        ))
+        chain.append(scale_by_plateau())
     return optax.chain(*chain)
 
 
+def _is_plateau(s: Any) -> bool:
+    return isinstance(s, PlateauScale)
+
+
 def plateau_scale(opt_state: Any) -> jax.Array:
-    """The reduce-on-plateau multiplier inside `opt_state` (1 when there is none)."""
-    scales = [s.scale for s in jax.tree.leaves(
-        opt_state, is_leaf=lambda s: isinstance(s, optax.contrib.ReduceLROnPlateauState))
-        if isinstance(s, optax.contrib.ReduceLROnPlateauState)]
+    """The plateau multiplier inside `opt_state` (1 when there is none)."""
+    scales = [s.scale for s in jax.tree.leaves(opt_state, is_leaf=_is_plateau) if _is_plateau(s)]
     return scales[0] if scales else jnp.ones((), jnp.float32)
+
+
+def with_plateau_scale(opt_state: Any, scale: float) -> Any:
+    """`opt_state` with the plateau multiplier set to `scale` (same shape and placement)."""
+    return jax.tree.map(
+        lambda s: PlateauScale(jnp.full_like(s.scale, scale)) if _is_plateau(s) else s,
+        opt_state, is_leaf=_is_plateau)
 
 
 def current_learning_rate(schedule: Callable, opt_state: Any, step: jax.Array) -> jax.Array:

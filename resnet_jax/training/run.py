@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any
 
@@ -23,7 +24,7 @@ from resnet_jax.training.losses import get_loss
 from resnet_jax.training.state import TrainState
 from resnet_jax.training.steps import make_eval_step
 
-WHICH = ("best", "latest")
+WHICH = ("selected", "best", "latest")
 
 
 @dataclasses.dataclass
@@ -34,10 +35,13 @@ class Run:
       workdir: the run directory.
       config: the config it was trained with (config.json).
       model: the flax module, as the run built it.
-      variables: {"params", "batch_stats"} of the checkpoint `which` (NumPy arrays).
+      variables: {"params", "batch_stats"} of the checkpoint `which` (NumPy arrays): the
+        trained weights, or their exponential moving average when `ema`.
       history: one record per evaluation (metrics.jsonl).
       step: the step of the checkpoint.
-      which: "best" (highest test accuracy) or "latest".
+      which: "selected" (the model the run handed over: selected.json's), "best" (best
+        validation metric) or "latest".
+      ema: whether `variables` are the EMA weights.
     """
 
     workdir: str
@@ -47,26 +51,57 @@ class Run:
     history: list[dict[str, Any]]
     step: int
     which: str
+    ema: bool = False
 
     @classmethod
-    def load(cls, workdir: str, which: str = "best") -> "Run":
-        """The run in `workdir` at its best or latest intact checkpoint."""
+    def load(cls, workdir: str, which: str = "selected", ema: bool | None = None) -> "Run":
+        """The run in `workdir` at a checkpoint: "selected" (what the finished run chose:
+        the best validation checkpoint, or its last step without validation; while it runs,
+        the best checkpoint if there is one, else the latest), "best" or "latest".
+
+        `ema`: True for the exponential moving average of the weights (a run with
+        ema_decay > 0), False for the trained ones; None: as the run selected them."""
         if which not in WHICH:
             raise ValueError(f"which={which!r}; expected one of {WHICH}")
         config = run_config(workdir)
         info = experiment.info_of(config)
         model = experiment.build_model(config, config.num_classes or info.num_classes)
+        chosen = _selected(workdir)
+        step = None
+        if which == "selected":
+            which, step = _resolve_selected(workdir, chosen)
+        if ema is None:
+            ema = which == "best" and config.selection_metric.startswith("val_ema_")
+            ema = ema or (chosen.get("weights") == "ema" and step is not None)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
-            restored = ckpt.restore_checked(None, which)
+            if step is not None:
+                state, found = ckpt.restore(None, which, step), step
+            else:
+                restored = ckpt.restore_checked(None, which)
+                state, found = (restored.state, restored.step) if restored else (None, None)
         finally:
             ckpt.close()
-        if restored is None:
+        if state is None:
             raise FileNotFoundError(f"no {which} checkpoint under {workdir}/checkpoints")
-        state = restored.state
-        variables = {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+        if ema and not state.get("ema"):
+            raise ValueError(f"ema=True but run {workdir!r} kept no EMA weights (ema_decay=0)")
+        source = state["ema"] if ema else state
+        variables = {"params": source["params"], "batch_stats": source.get("batch_stats", {})}
         return cls(workdir, config, model, variables, metrics.read_metrics(workdir),
-                   restored.step, which)
+                   int(found), which, bool(ema))
+
+    @property
+    def splits(self) -> dict[str, str]:
+        """The run's splits by role ("train", "validation" if it had one, "test"), each
+        described; `evaluate` takes these names (or any split of the dataset)."""
+        return experiment.split_names(self.config)
+
+    @property
+    def selected(self) -> dict[str, Any]:
+        """What the finished run selected (selected.json): step, weights, the validation
+        metric it was chosen by, and its test metrics read once; {} before it finished."""
+        return _selected(self.workdir)
 
     @property
     def info(self) -> DatasetInfo:
@@ -116,10 +151,11 @@ class Run:
                for i in range(0, len(x), size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
-    def evaluate(self, split: str = "test") -> dict[str, Any]:
+    def evaluate(self, split: str = "test", n: int = 0) -> dict[str, Any]:
         """Loss, accuracy, top-5 accuracy, per-class accuracy and the confusion matrix over
-        every example of `split`."""
-        source = experiment.load_split(self.config, split)
+        every example of `split` (its first `n` when n > 0): a role of `splits` ("train" is
+        train less any held-out validation examples) or a split of the dataset."""
+        source = experiment.load_split(self.config, split, n)
         state = TrainState(step=jnp.asarray(self.step, jnp.int32),
                            params=self.variables["params"],
                            batch_stats=self.variables["batch_stats"], opt_state={})
@@ -150,3 +186,23 @@ class Run:
         step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss))
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
+
+
+def _selected(workdir: str) -> dict[str, Any]:
+    path = os.path.join(workdir, "selected.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _resolve_selected(workdir: str, chosen: dict[str, Any]) -> tuple[str, int | None]:
+    """("best" or "latest", step or None) of the selected checkpoint."""
+    if chosen:
+        return ("best" if chosen.get("by") != "last step" else "latest"), int(chosen["step"])
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        has_best = bool(ckpt.steps("best"))
+    finally:
+        ckpt.close()
+    return ("best" if has_best else "latest"), None

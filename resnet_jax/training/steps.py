@@ -39,7 +39,8 @@ def _sum(x, axis_name: str | None):
 def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: Callable,
                     loss_fn: Loss, axis_name: str | None = None,
                     skip_nonfinite: bool = False, frozen_backbone: bool = False,
-                    accumulate: int = 1, mix: tuple[float, float] = (0.0, 0.0)
+                    accumulate: int = 1, mix: tuple[float, float] = (0.0, 0.0),
+                    ema: tuple[float, bool] = (0.0, True)
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model`, optimizer `tx` and
     per-example `loss_fn(logits, labels)`.
@@ -64,6 +65,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     device (`mixing.mix_batch`) and the loss is lam * L(labels) + (1 - lam) * L(partner
     labels), which is the loss against the mixed one-hot targets for these linear losses;
     `accuracy` is then weighted the same way.
+
+    `ema` = (decay, warm-up): with decay > 0, `state.ema` (params and batch statistics)
+    moves to `decay * ema + (1 - decay) * new` each step; with warm-up the decay is
+    min(decay, (1 + t) / (10 + t)) at the t-th update (tf.train.ExponentialMovingAverage's
+    num_updates), so the average is not held at the random initialisation early on.
     """
     mixing = mix[0] > 0 or mix[1] > 0
     if accumulate < 1:
@@ -133,7 +139,7 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         # averaging every step equals averaging once before evaluation or saving, and the
         # state stays identical on every device. (With synchronised BN they already agree.)
         batch_stats = _mean(batch_stats, axis_name)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         metrics = {
@@ -145,15 +151,32 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         }
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
+        if ema[0] > 0:
+            new_state = new_state.replace(ema=update_ema(
+                state.ema, {"params": params, "batch_stats": batch_stats}, state.step, *ema))
         if skip_nonfinite:
             keep = metrics["finite"]
             new_state = new_state.replace(**{
                 name: jax.tree.map(lambda new, old: jnp.where(keep, new, old),
                                    getattr(new_state, name), getattr(state, name))
-                for name in ("params", "batch_stats", "opt_state")})
+                for name in ("params", "batch_stats", "opt_state", "ema")})
         return new_state, metrics
 
     return train_step
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay used by the update after `step` steps."""
+    if not warmup:
+        return jnp.asarray(decay, jnp.float32)
+    t = step.astype(jnp.float32) + 1.0
+    return jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+
+
+def update_ema(average, new, step: jax.Array, decay: float, warmup: bool):
+    """`decay * average + (1 - decay) * new`, leaf by leaf, in each leaf's dtype."""
+    d = ema_decay_at(step, decay, warmup)
+    return jax.tree.map(lambda a, n: (d * a + (1.0 - d) * n).astype(a.dtype), average, new)
 
 
 def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None
