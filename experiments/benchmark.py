@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         workers = [int(w) for w in args.workers.split(",")]
         if any(w < 1 for w in workers):
             parser.error(f"--workers {args.workers!r}: counts must be >= 1")
+        if args.images < input_pipeline.BATCH:
+            parser.error(f"--images {args.images}: at least one batch of "
+                         f"{input_pipeline.BATCH} is needed")
         input_pipeline.run(workers, args.images, args.rounds, args.batches, args.folder,
                            args.results_dir or input_pipeline.RESULTS)
         return 0

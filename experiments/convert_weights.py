@@ -44,6 +44,9 @@ def convert_file(source: str, model: str, path: str) -> tuple[dict, dict]:
     params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables["params"]))
     info = {"source": source, "model": model, "input": path, "sha256": files.sha256(path),
             "params": params, "published": known[1] if known else None,
+            # what the pipeline applies when a run starts from these weights
+            "preprocess": (known[1] if known else {}).get("preprocess",
+                                                          files.SOURCE_PREPROCESS[source]),
             "num_classes": int(np.shape(variables["params"][
                 "fc8" if model == "alexnet_owt" else "fc"]["bias"])[0])}
     if known and known[1].get("params") and known[1]["source"] == "torchvision" \

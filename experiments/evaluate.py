@@ -18,13 +18,13 @@ import sys
 
 
 def evaluate_run(workdir: str, split: str = "test", which: str = "selected",
-                 ema: bool | None = None) -> dict:
+                 ema: bool | None = None, subset: int = 0) -> dict:
     """Metrics of checkpoint `which` (selected, best or latest) of the run in `workdir` on
-    `split`."""
+    `split` (its first `subset` examples when > 0)."""
     from resnet_jax import Run
 
     run = Run.load(workdir, which, ema)
-    result = run.evaluate(split)
+    result = run.evaluate(split, subset)
     return {
         "workdir": workdir, "checkpoint": run.which, "step": run.step,
         "weights": "ema" if run.ema else "trained", "split": split,
@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
                         default="selected")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="the EMA weights (default: as the run selected)")
+    parser.add_argument("--subset", type=int, default=0,
+                        help="only the first N examples of the split (0: all)")
     args = parser.parse_args(argv)
     try:
-        out = evaluate_run(args.workdir, args.split, args.checkpoint, args.ema)
+        out = evaluate_run(args.workdir, args.split, args.checkpoint, args.ema, args.subset)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

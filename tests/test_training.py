@@ -209,6 +209,32 @@ def _opt_config(**kw):
     return c
 
 
+def test_warmup_start_cosine_end_and_lars_trust_are_config_fields():
+    c = _opt_config(schedule="cosine", learning_rate=0.4, warmup_epochs=1, num_epochs=3,
+                    warmup_init_fraction=0.25, cosine_end_fraction=0.1)
+    _, schedule = make_optimizer(c, durations(c, 10))
+    np.testing.assert_allclose([schedule(0), schedule(10), schedule(30)], [0.1, 0.4, 0.04],
+                               rtol=1e-6)
+    c = _opt_config(schedule="piecewise", learning_rate=0.4, warmup_epochs=1, lr_boundaries=(50,),
+                    warmup_init_fraction=0.5)
+    _, schedule = make_optimizer(c, durations(c, 10))
+    assert float(schedule(0)) == pytest.approx(0.2)
+    updates = {}
+    for trust, eps in ((0.001, 0.0), (0.01, 0.0), (0.001, 1.0)):
+        c = _opt_config(optimizer="lars", learning_rate=1.0, momentum=0.0, weight_decay=0.0,
+                        schedule="constant", lars_trust_coefficient=trust, lars_eps=eps)
+        tx, _ = make_optimizer(c, durations(c, 10))
+        p = {"w": {"kernel": jnp.array([[3.0, 4.0]])}}  # |p| = 5
+        g = {"w": {"kernel": jnp.array([[0.6, 0.8]])}}  # |g| = 1
+        u, _ = tx.update(g, tx.init(p), p)
+        updates[(trust, eps)] = np.asarray(u["w"]["kernel"])
+    # optax's trust ratio: coefficient * |p| / (|g| + eps)
+    np.testing.assert_allclose(updates[(0.001, 0.0)], -0.001 * 5 * np.array([[0.6, 0.8]]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(updates[(0.01, 0.0)], 10 * updates[(0.001, 0.0)], rtol=1e-5)
+    assert np.abs(updates[(0.001, 1.0)]).sum() < np.abs(updates[(0.001, 0.0)]).sum()
+
+
 def test_piecewise_schedule_divides_by_ten_at_the_given_epochs():
     c = _opt_config(schedule="piecewise", learning_rate=0.1, lr_boundaries=(2, 4),
                     lr_boundaries_unit="epochs")

@@ -166,3 +166,65 @@ def test_the_transfer_config_is_the_seed_recipe():
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3))))
     assert variables["params"]["fc_hidden"]["kernel"].shape == (2048, 1024)
     assert variables["params"]["fc"]["kernel"].shape == (1024, 10)
+
+
+# --- the weights' own preprocessing ------------------------------------------------------------
+
+def test_a_fine_tuning_run_feeds_the_model_as_its_weights_were_fed(converted, tmp_path):
+    """conversion.json records torchvision's preprocessing; the run resolves it into its
+    config, its pipeline normalises with it, and Run.preprocess does the same."""
+    from resnet_jax import Run
+    from resnet_jax.convert.files import TORCHVISION_PREPROCESS
+
+    out, _ = converted
+    recorded = json.load(open(os.path.join(out, "conversion.json")))["preprocess"]
+    assert tuple(recorded["mean"]) == TORCHVISION_PREPROCESS["mean"]
+    workdir = str(tmp_path / "ft")
+    loop.train_and_evaluate(fine_tune_config(out, "backbone", num_steps=2), workdir)
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert tuple(saved["input_mean"]) == (0.485, 0.456, 0.406)
+    assert tuple(saved["input_std"]) == (0.229, 0.224, 0.225)
+    assert saved["input_channel_order"] == "RGB"
+    run = Run.load(workdir)
+    images = np.full((2, 28, 28, 1), 128, np.uint8)
+    expected = (128 / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(run.preprocess(images)[0, 0, 0], expected, rtol=1e-5)
+    # a run started from that run starts from the model it selected, and is fed the same
+    start = transfer.load_pretrained(workdir)
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(run.variables)):
+        np.testing.assert_array_equal(a, b)
+    assert transfer.recorded_preprocessing(workdir)["mean"] == list(saved["input_mean"])
+    # the config's own fields win over the record
+    c = experiment.resolve_input(fine_tune_config(out, "backbone", input_mean=(0.5,),
+                                                  input_std=(0.25,)))
+    assert tuple(c.input_mean) == (0.5,) and c.input_channel_order == "RGB"
+
+
+def test_the_keras_entry_normalises_as_keras_preprocess_input(tmp_path):
+    """The registry's Keras ResNet50 preprocessing, applied by the pipeline to real photos,
+    equals keras.applications.resnet50.preprocess_input on the same pixels."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from keras.applications import resnet50
+    from skimage import data as photos
+
+    from resnet_jax.convert.files import KNOWN_FILES
+    from resnet_jax.data import pipeline
+    from resnet_jax.data.sources import ArraySource
+
+    entry = KNOWN_FILES["resnet50_weights_tf_dim_ordering_tf_kernels.h5"]
+    weights = str(tmp_path / "keras_weights")
+    os.makedirs(weights)
+    with open(os.path.join(weights, "conversion.json"), "w") as f:
+        json.dump({"source": "keras", "preprocess": entry["preprocess"]}, f)
+    c = experiment.resolve_input(fine_tune_config(weights, "backbone", model="keras_resnet50"))
+    assert c.input_channel_order == "BGR"
+    info = experiment.info_of(c)
+    pictures = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
+    images = np.stack([p[:224, :224] for p in pictures]).astype(np.uint8)
+    source = ArraySource(images, np.zeros(4, np.int32))
+    batch = next(iter(pipeline.eval_batches(source, info, 4)))
+    expected = resnet50.preprocess_input(images.astype(np.float32))
+    np.testing.assert_allclose(batch["image"], expected, atol=2e-4, rtol=0)
+    # and not what the dataset's own statistics would give
+    plain = next(iter(pipeline.eval_batches(source, experiment.info_of(fine_tune_config("", "")), 4)))
+    assert np.abs(plain["image"] - expected).max() > 50

@@ -15,8 +15,15 @@ from typing import Any
 import numpy as np
 
 
+# How the weights' training input was made: resize the shorter side, centre crop, then
+# (x / 255 - mean) / std per channel, in `channel_order`. Keras' 'caffe' mode (BGR, minus
+# the ImageNet means on the 0-255 scale, no scaling) is that with std = 1/255.
 TORCHVISION_PREPROCESS = {"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406),
-                          "std": (0.229, 0.224, 0.225)}
+                          "std": (0.229, 0.224, 0.225), "channel_order": "RGB"}
+KERAS_CAFFE_PREPROCESS = {"resize": 256, "crop": 224,
+                          "mean": (103.939 / 255, 116.779 / 255, 123.68 / 255),
+                          "std": (1 / 255, 1 / 255, 1 / 255), "channel_order": "BGR"}
+SOURCE_PREPROCESS = {"torchvision": TORCHVISION_PREPROCESS, "keras": KERAS_CAFFE_PREPROCESS}
 
 # Published weight files: SHA-256 of the file, the zoo model, preprocessing, parameter count
 # and the published ImageNet top-1 (single 224 crop). Sources: torchvision's model docs
@@ -51,8 +58,7 @@ KNOWN_FILES: dict[str, dict[str, Any]] = {
     "resnet50_weights_tf_dim_ordering_tf_kernels.h5": {
         "source": "keras", "model": "keras_resnet50", "weights": "keras.applications.ResNet50",
         "md5": "2cb95161c43110f7111970584f804107", "params": 25_636_712, "top1": 74.9,
-        "preprocess": {"resize": 256, "crop": 224, "mode": "caffe: RGB->BGR, subtract "
-                       "(103.939, 116.779, 123.68), no scaling"},
+        "preprocess": KERAS_CAFFE_PREPROCESS,
     },
 }
 

@@ -219,9 +219,11 @@ class Normalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    channel_order: str = "RGB"
 
     def __call__(self, batch: Batch) -> Batch:
-        return {**batch, "image": transforms.normalize(batch["image"], self.mean, self.std)}
+        return {**batch, "image": transforms.normalize(batch["image"], self.mean, self.std,
+                                                       self.channel_order)}
 
 
 @dataclasses.dataclass
@@ -278,7 +280,7 @@ def _with_workers(dataset, workers: int, threads: int, info: DatasetInfo):
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
                                       worker_init_fn=_init_worker)
-    return iter_ds.map(Normalize(info.mean, info.std))
+    return iter_ds.map(Normalize(info.mean, info.std, info.channel_order))
 
 
 def _init_worker(index: int, count: int) -> None:

@@ -34,6 +34,7 @@ class DatasetInfo:
     augment: str  # default train augmentation
     class_names: tuple[str, ...] = ()
     in_memory: bool = True
+    channel_order: str = "RGB"  # "BGR": channels reversed before normalising (Caffe's)
 
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

@@ -11,9 +11,18 @@ import numpy as np
 AUGMENTATIONS = ("none", "flip", "crop_flip", "inception")
 
 
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+
+def normalize(images: np.ndarray, mean, std, channel_order: str = "RGB") -> np.ndarray:
     """uint8 NHWC (or HWC) -> float32, scaled to [0, 1] then standardised per channel:
-    x / (255 std) - mean / std, in place in one float32 buffer."""
+    x / (255 std) - mean / std, in place in one float32 buffer. With channel_order "BGR",
+    three channels are reversed first (Caffe's and Keras' 'caffe' mode); mean and std are
+    then in that order."""
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order={channel_order!r}; expected one of {CHANNEL_ORDERS}")
+    if channel_order == "BGR" and images.shape[-1] == 3:
+        images = images[..., ::-1]
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     channels = images.shape[-1]
     if mean.shape not in ((1,), (channels,)) or std.shape not in ((1,), (channels,)):

@@ -22,7 +22,7 @@ import ml_collections
 
 from resnet_jax.data.sources import DATA_SOURCES, DATASETS
 from resnet_jax.data.autoaugment import BINS, POLICIES
-from resnet_jax.data.transforms import AUGMENTATIONS
+from resnet_jax.data.transforms import AUGMENTATIONS, CHANNEL_ORDERS
 from resnet_jax.models import get_spec
 from resnet_jax.training.losses import LOSSES
 from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
@@ -98,6 +98,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "random_erasing": Field(0.0, "probability per training image of erasing a random "
                                      "rectangle (2-40% of the area) with random values "
                                      "(Zhong et al. 2020); 0: off", bounds="[0, 1)"),
+        "input_mean": Field((), "per-channel mean on the [0, 1] scale, in input_channel_order; "
+                                "(): the preprocessing recorded with init_from's weights, "
+                                "else the dataset's"),
+        "input_std": Field((), "per-channel std on the [0, 1] scale; (): as input_mean"),
+        "input_channel_order": Field("", "'RGB' or 'BGR' (channels reversed before "
+                                         "normalising); '': as input_mean, else RGB",
+                                     ("",) + CHANNEL_ORDERS),
         "auto_augment": Field("", "per-image automatic augmentation after crop and flip: "
                                   "'rand_augment' (Cubuk et al. 2020) or "
                                   "'trivial_augment_wide' (Muller & Hutter 2021); '': off",
@@ -116,6 +123,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "adam_b1": Field(0.9, "Adam's first-moment decay", bounds="[0, 1)"),
         "adam_b2": Field(0.999, "Adam's second-moment decay", bounds="[0, 1)"),
         "adam_eps": Field(1e-8, "Adam's epsilon", bounds="> 0"),
+        "lars_trust_coefficient": Field(0.001, "LARS' trust coefficient (You et al. 2017)",
+                                        bounds="> 0"),
+        "lars_eps": Field(0.0, "LARS: added to the norms of the trust ratio", bounds=">= 0"),
         "weight_decay": Field(1e-4, "weight decay factor", bounds=">= 0"),
         "weight_decay_mode": Field("l2", "'l2': added to the gradient; 'decoupled': to the "
                                          "update (Loshchilov & Hutter 2019)", WEIGHT_DECAY_MODES),
@@ -140,6 +150,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                            bounds=">= 0"),
         "schedule": Field("cosine", "learning-rate schedule", SCHEDULES),
         "warmup_epochs": Field(0.0, "linear warm-up (cosine, piecewise)", bounds=">= 0"),
+        "warmup_init_fraction": Field(0.0, "the warm-up's first rate, as a fraction of the peak",
+                                      bounds="[0, 1)"),
+        "cosine_end_fraction": Field(0.0, "cosine: the last rate, as a fraction of the peak",
+                                     bounds="[0, 1)"),
         "lr_boundaries": Field((), "piecewise: where the learning rate is multiplied"),
         "lr_boundaries_unit": Field("steps", "unit of lr_boundaries", BOUNDARY_UNITS),
         "lr_decay_factor": Field(0.1, "piecewise: the multiplier at each boundary",
@@ -265,6 +279,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     get_spec(c.model)  # names the known models
     if c.schedule == "piecewise" and not len(c.lr_boundaries):
         raise ValueError("schedule='piecewise' needs lr_boundaries")
+    if len(c.input_mean) != len(c.input_std) or any(s <= 0 for s in c.input_std):
+        raise ValueError(f"input_mean={tuple(c.input_mean)} and input_std={tuple(c.input_std)}: "
+                         f"expected as many means as positive stds (one, or one per channel)")
     if c.rand_augment_magnitude >= BINS:
         raise ValueError(f"rand_augment_magnitude={c.rand_augment_magnitude}; expected "
                          f"0..{BINS - 1}")

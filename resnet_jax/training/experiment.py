@@ -16,7 +16,8 @@ from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset
 from resnet_jax.data.transforms import to_rgb
 from resnet_jax.models import get_model, get_spec
 from resnet_jax.training import steps, transfer
-from resnet_jax.training.config import Durations, durations, has_validation, validate_config
+from resnet_jax.training.config import (Durations, durations, has_validation, validate_config,
+                                        with_overrides)
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.optim import make_optimizer
 from resnet_jax.training.parallel import Strategy, make_strategy
@@ -109,8 +110,31 @@ def check_input_shape(model, name: str, shape: tuple[int, ...]) -> None:
 
 
 def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
-    """The config's dataset description (an image folder's classes from its scan)."""
-    return dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+    """The config's dataset description (an image folder's classes from its scan), with the
+    config's input normalisation where it sets one."""
+    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+    if config.input_mean:
+        info = dataclasses.replace(info, mean=tuple(config.input_mean),
+                                   std=tuple(config.input_std))
+    if config.input_channel_order:
+        info = dataclasses.replace(info, channel_order=config.input_channel_order)
+    return info
+
+
+def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with its input normalisation written out: the fields it sets, else the
+    preprocessing recorded with `init_from`'s weights (conversion.json, or the run it names),
+    else the dataset's. The run's config.json then says what the model was fed."""
+    if config.input_mean and config.input_channel_order:
+        return config
+    recorded = transfer.recorded_preprocessing(config.init_from) if config.init_from else None
+    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+    source = recorded or {"mean": info.mean, "std": info.std,
+                          "channel_order": info.channel_order}
+    mean = tuple(config.input_mean) or tuple(float(v) for v in source["mean"])
+    std = tuple(config.input_std) or tuple(float(v) for v in source["std"])
+    order = config.input_channel_order or source.get("channel_order", "RGB")
+    return with_overrides(config, input_mean=mean, input_std=std, input_channel_order=order)
 
 
 ROLES = ("train", "validation", "test")
@@ -164,8 +188,10 @@ def _load(config: ml_collections.ConfigDict, split: str):
 
 
 def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
-    """Validate the config, load the data, build model and optimizer."""
+    """Validate the config, load the data, build model and optimizer; the experiment's config
+    has its input normalisation written out (`resolve_input`)."""
     validate_config(config)
+    config = resolve_input(config)
     info = info_of(config)
     num_classes = config.num_classes or info.num_classes
     model = build_model(config, num_classes)
@@ -231,7 +257,21 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
                                            (c.ema_decay, c.ema_warmup)),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
-        c.batch_size, eval_batch_size(c), jit_options(c))
+        c.batch_size, eval_batch_size(c), jit_options(c), _state_specs(c))
+
+
+def _state_specs(c: ml_collections.ConfigDict):
+    """The towers strategy's state layout: AlexNet's split layers over the model axis."""
+    if c.parallel != "towers":
+        return None
+    spec = get_spec(c.model)
+    groups = {**spec.fields, **c.model_overrides.to_dict()}.get("groups", (2,))
+    if spec.cls.__name__ != "AlexNet" or 2 not in tuple(groups):
+        raise ValueError(f"parallel='towers' splits AlexNet's two towers over devices; "
+                         f"model {c.model!r} has no towers (use 'alexnet')")
+    from resnet_jax.training.model_parallel import tower_specs
+
+    return tower_specs
 
 
 def run_identity(exp: Experiment) -> dict[str, Any]:

@@ -42,6 +42,21 @@ def alexnet_param_specs(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def tower_specs(tree: Any) -> Any:
+    """PartitionSpecs for any part of an AlexNet training state (params, their optimizer
+    state, their EMA): a leaf under a split layer's name ending in kernel or bias has its
+    last axis on `model`; every other leaf is replicated."""
+
+    def spec(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if np.ndim(leaf) and keys and keys[-1] in ("kernel", "bias") and \
+                any(k in TOWER_SPLIT for k in keys):
+            return P(*([None] * (np.ndim(leaf) - 1)), "model")
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
 def shard_alexnet(variables: Any, mesh: Mesh) -> Any:
     """Place AlexNet's variables on `mesh` with the towers split over `model`."""
     specs = {"params": alexnet_param_specs(variables["params"])}

@@ -34,11 +34,14 @@ def make_schedule(config, d: Durations) -> optax.Schedule:
         base = optax.piecewise_constant_schedule(lr, boundaries)
         if warmup:
             return optax.join_schedules(
-                [optax.linear_schedule(0.0, lr, warmup), lambda s: base(s + warmup)], [warmup]
+                [optax.linear_schedule(config.warmup_init_fraction * lr, lr, warmup),
+                 lambda s: base(s + warmup)], [warmup]
             )
         return base
     if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(d.total_steps, warmup + 1))
+        return optax.warmup_cosine_decay_schedule(
+            config.warmup_init_fraction * lr, lr, warmup, max(d.total_steps, warmup + 1),
+            end_value=config.cosine_end_fraction * lr)
     if kind == "onecycle":
         return optax.cosine_onecycle_schedule(
             d.total_steps, lr, pct_start=config.onecycle_pct_start,
@@ -104,7 +107,8 @@ def make_optimizer(config, d: Durations
                                          eps=config.adam_eps))
         parts.append(optax.scale_by_learning_rate(schedule))
     else:  # lars: optax.lars' order (trust ratio, learning rate, then momentum), decay apart
-        trust = optax.scale_by_trust_ratio(trust_coefficient=0.001, eps=0.0)  # optax.lars'
+        trust = optax.scale_by_trust_ratio(trust_coefficient=config.lars_trust_coefficient,
+                                           eps=config.lars_eps)
         parts.append(optax.masked(trust, mask) if mask is not None else trust)
         parts.append(optax.scale_by_learning_rate(schedule))
         parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))

@@ -1,5 +1,7 @@
 """How the per-device steps run on devices: one device (`single`), `jax.pmap` over the
-local devices (`pmap`), or `jax.jit` of a `shard_map` over a device mesh (`sharded`).
+local devices (`pmap`), `jax.jit` of a `shard_map` over a device mesh (`sharded`), or
+AlexNet's two towers (`towers`): `jax.jit` of the global step on a (data, model) mesh, the
+state placed by `state_specs` and XLA's partitioner inserting the exchanges.
 
 The steps of `steps.py` are written once with a named axis ("data"); a strategy maps them.
 `pmap` keeps a copy of the state per local device (stacked on a leading axis);
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-STRATEGIES = ("single", "pmap", "sharded")
+STRATEGIES = ("single", "pmap", "sharded", "towers")
 AXIS = "data"
 
 
@@ -43,6 +45,7 @@ def maybe_initialize_distributed(config) -> None:
         pid = pid if pid >= 0 else int(os.environ.get("JAX_PROCESS_ID", "0"))
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     elif config.get("distributed", False):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # as above
         jax.distributed.initialize()
 
 
@@ -69,12 +72,13 @@ def _check_divisible(global_batch: int, devices: int, what: str) -> None:
 
 def make_strategy(name: str, make_train: Callable[[str | None], Callable],
                   make_eval: Callable[[str | None], Callable], global_batch: int,
-                  eval_batch: int, jit_options: Callable[[str], dict | None] | None = None
-                  ) -> Strategy:
+                  eval_batch: int, jit_options: Callable[[str], dict | None] | None = None,
+                  state_specs: Callable[[Any], Any] | None = None) -> Strategy:
     """Map the per-device steps built by `make_train(axis_name)` / `make_eval(axis_name)`.
 
     `jit_options("train")` and `jit_options("eval")` are the steps' `jax.jit` compiler
-    options (single, sharded; `jax.pmap` takes none).
+    options (single, sharded, towers; `jax.pmap` takes none). `state_specs(tree)`: the
+    PartitionSpecs over ("data", "model") of any part of the state (towers only).
     """
     options = jit_options or (lambda step: None)
     jit = functools.partial(jax.jit, compiler_options=options("train"))
@@ -90,6 +94,9 @@ def make_strategy(name: str, make_train: Callable[[str | None], Callable],
         return Strategy(name, jit(make_train(None), donate_argnums=0),
                         jit_eval(make_eval(None)), put, lambda s: s, put, put, lambda m: m, 1)
 
+    if name == "towers":
+        return _towers(make_train(None), make_eval(None), global_batch, eval_batch, jit,
+                       jit_eval, state_specs)
     n = jax.device_count()
     _check_divisible(global_batch, n, "batch size")
     _check_divisible(eval_batch, n, "eval batch size")
@@ -135,6 +142,54 @@ def make_strategy(name: str, make_train: Callable[[str | None], Callable],
 
     return Strategy(name, jit(train, donate_argnums=0), jit_eval(evaluate), place,
                     lambda s: s, put, put, lambda m: m, n)
+
+
+def _towers(train_fn: Callable, eval_fn: Callable, global_batch: int, eval_batch: int,
+            jit: Callable, jit_eval: Callable, state_specs: Callable[[Any], Any] | None
+            ) -> Strategy:
+    """The global steps on a (devices / 2, 2) mesh: the batch over "data", each tower's
+    half of the split layers (and of their optimizer state and EMA) on one "model" device."""
+    from resnet_jax.training.model_parallel import make_mesh
+
+    if state_specs is None:
+        raise ValueError("parallel='towers' needs the model's tower layout (AlexNet)")
+    if jax.process_count() > 1:
+        raise ValueError("parallel='towers' runs in one process (two towers per data row)")
+    n = jax.device_count()
+    if n % 2:
+        raise ValueError(f"parallel='towers' puts the two towers on two devices; found {n}")
+    mesh = make_mesh(n // 2, 2)
+    _check_divisible(global_batch, n // 2, "batch size")
+    _check_divisible(eval_batch, n // 2, "eval batch size")
+    rows = NamedSharding(mesh, P(AXIS))
+    replicated = NamedSharding(mesh, P())
+    compiled: dict[str, Callable] = {}
+
+    def shardings(state):
+        return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
+                            is_leaf=lambda x: isinstance(x, P))
+
+    def train(state, batch, rng):
+        if "train" not in compiled:  # the state's layout is known at the first call
+            s = shardings(state)
+            compiled["train"] = jit(train_fn, in_shardings=(s, rows, replicated),
+                                    out_shardings=(s, replicated), donate_argnums=0)
+        return compiled["train"](state, batch, rng)
+
+    def evaluate(state, batch):
+        if "eval" not in compiled:
+            compiled["eval"] = jit_eval(eval_fn, in_shardings=(shardings(state), rows),
+                                        out_shardings=replicated)
+        return compiled["eval"](state, batch)
+
+    def place(state):
+        return jax.device_put(jax.tree.map(fetch, state), shardings(state))
+
+    def put(batch):
+        return jax.device_put(batch, rows)
+
+    return Strategy("towers", train, evaluate, place, lambda s: jax.tree.map(fetch, s), put,
+                    put, lambda m: m, n)
 
 
 def _replicate(x, sharding: NamedSharding):

@@ -141,7 +141,7 @@ class Run:
                              f"{self.info.image_shape}")
         if images.shape[-1] != shape[-1]:
             images = to_rgb(images)
-        return normalize(images, self.info.mean, self.info.std)
+        return normalize(images, self.info.mean, self.info.std, self.info.channel_order)
 
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (N, classes) for raw uint8 images of the dataset's shape."""

@@ -67,7 +67,9 @@ def _as_numpy(tree):
 
 
 def load_pretrained(directory: str) -> dict[str, Any]:
-    """{"params", "batch_stats"} from a converted-weights dir or a training workdir."""
+    """{"params", "batch_stats"} from a converted-weights dir or a training workdir (the
+    model the run selected: selected.json's step and weights; before it finished, its best
+    checkpoint, else its latest)."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -79,18 +81,49 @@ def load_pretrained(directory: str) -> dict[str, Any]:
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         from resnet_jax.training.checkpoint import Checkpointer
 
+        chosen = {}
+        if os.path.exists(os.path.join(directory, "selected.json")):
+            with open(os.path.join(directory, "selected.json")) as f:
+                chosen = json.load(f)
         ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
         try:
-            restored = (ckpt.restore_checked(which="best") if ckpt.steps("best")
-                        else ckpt.restore_checked(which="latest"))
+            if chosen:  # the model the finished run handed over
+                which = "latest" if chosen.get("by") == "last step" else "best"
+                state = ckpt.restore(None, which, int(chosen["step"]))
+            else:
+                restored = (ckpt.restore_checked(which="best") if ckpt.steps("best")
+                            else ckpt.restore_checked(which="latest"))
+                state = restored.state if restored is not None else None
         finally:
             ckpt.close()
-        if restored is not None:
-            state = restored.state
+        if state is not None:
+            if chosen.get("weights") == "ema":
+                state = state["ema"]
             return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     raise FileNotFoundError(
         f"init_from={directory!r} holds neither converted weights ({VARIABLES_DIR}/, written by "
         "python -m experiments.convert_weights) nor a run's checkpoints/")
+
+
+def recorded_preprocessing(directory: str) -> dict[str, Any] | None:
+    """How the input of the weights in `directory` was made ({"mean", "std",
+    "channel_order", ...}): conversion.json's "preprocess" for converted weights, the
+    resolved input_* fields of a run's config.json; None when neither says."""
+    path = os.path.join(directory, "conversion.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f).get("preprocess")
+        if isinstance(recorded, dict) and "mean" in recorded and "std" in recorded:
+            return recorded
+        return None
+    path = os.path.join(directory, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            c = json.load(f)
+        if c.get("input_mean"):
+            return {"mean": c["input_mean"], "std": c["input_std"],
+                    "channel_order": c.get("input_channel_order") or "RGB"}
+    return None
 
 
 def init_from_pretrained(state: Any, tx: optax.GradientTransformation, directory: str) -> Any:

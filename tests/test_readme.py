@@ -1,0 +1,288 @@
+"""Every command line of the README runs here, on tiny data, so the documentation cannot drift
+from the code: the multi-GPU command on 8 forced CPU devices, the SLURM one as two processes
+of 8 (16 devices) with SLURM's environment on the loopback address. Sizes are shrunk by
+appending `--config.*` overrides (or a benchmark's size flags); nothing of the command itself
+is dropped. The set of commands is checked too: a new README command needs a test here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+README = os.path.join(ROOT, "README.md")
+TINY_TRAIN = ["--config.train_subset=512", "--config.eval_subset=200", "--config.num_epochs=1",
+              "--config.progress_bar=False"]
+# ImageNet-layout configs on 32x32 crops, one block per stage, two steps
+TINY_IMAGENET = ["--config.image_size=32", "--config.num_steps=2", "--config.train_subset=64",
+                 "--config.eval_subset=16", "--config.progress_bar=False",
+                 "--config.model_overrides={'stage_sizes':(1,1,1,1)}"]
+
+
+def readme_commands() -> list[str]:
+    """The README's shell commands: each line of a ```bash block, continuations joined."""
+    text = open(README).read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        joined = block.replace("\\\n", " ")
+        commands += [" ".join(line.split()) for line in joined.splitlines() if line.strip()]
+    return commands
+
+
+def command(start: str) -> str:
+    """The one README command that starts with `start`."""
+    found = [c for c in readme_commands() if c.startswith(start)]
+    assert len(found) == 1, f"README commands starting {start!r}: {found}"
+    return found[0]
+
+
+def argv(cmd: str, **substitute: str) -> list[str]:
+    """A command's arguments with the interpreter as this one's and placeholders filled."""
+    for key, value in substitute.items():
+        cmd = cmd.replace(key, value)
+    args = shlex.split(cmd)
+    if args[0] in (".venv/bin/python", "python"):
+        args[0] = sys.executable
+    return args
+
+
+def run(args: list[str], cwd: str = ROOT, devices: int = 1, env: dict | None = None,
+        timeout: int = 600) -> str:
+    full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+    result = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-4000:])
+    return result.stdout
+
+
+COVERED = {  # the start of each README command -> the test that runs it
+    "bash experiments/setup.sh && .venv/bin/python -m experiments.train": "main_job",
+    "bash experiments/setup.sh test && .venv/bin/python -m pytest": "test_command",
+    ".venv/bin/python -m experiments.summary": "summary",
+    ".venv/bin/python -m experiments.train --config experiments/configs/NAME.py": "train_evaluate",
+    ".venv/bin/python -m experiments.evaluate": "train_evaluate",
+    ".venv/bin/python -m experiments.train --config experiments/configs/imagenet_resnet50.py "
+    "--workdir runs/mine": "image_folder",
+    "python -m experiments.train --config experiments/configs/imagenet_resnet50.py "
+    "--workdir runs/r50": "multi_gpu",
+    "srun": "slurm",
+    "python -m experiments.launch": "launch",
+    "python -m experiments.benchmark --model": "scaling",
+    ".venv/bin/python -m experiments.convert_weights": "transfer",
+    ".venv/bin/python -m experiments.train --config experiments/configs/transfer_resnet50.py":
+        "transfer",
+    ".venv/bin/pip install -r requirements-bench.txt": "against_torch",
+    ".venv/bin/python -m experiments.benchmark --against user": "against_user",
+    "bash experiments/setup.sh tf": "input_pipeline",
+    ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist_best.py":
+        "best_and_plot",
+    ".venv/bin/python -m experiments.plot_runs": "best_and_plot",
+}
+
+
+def test_every_readme_command_is_run_by_a_test_here():
+    commands = readme_commands()
+    unmatched = [c for c in commands if not any(c.startswith(k) for k in COVERED)]
+    assert not unmatched, f"README commands no test runs: {unmatched}"
+    stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
+    assert not stale, f"tests for commands the README no longer has: {stale}"
+    assert len(commands) == 17
+
+
+def test_command_is_what_ci_runs():
+    """The README's test command is .ci/run's (which CI runs on a fresh clone), and its
+    set-up is the main job's set-up plus the test requirements."""
+    cmd = command("bash experiments/setup.sh test && ")
+    assert cmd in open(os.path.join(ROOT, ".ci", "run")).read()
+    assert command("bash experiments/setup.sh && ").startswith("bash experiments/setup.sh && ")
+
+
+def test_main_job(tmp_path):
+    cmd = command("bash experiments/setup.sh && ").split(" && ", 1)[1]
+    out = run(argv(cmd, **{"runs/fashion_mnist": str(tmp_path / "fm")}) + TINY_TRAIN)
+    assert "final: step 4 test_accuracy" in out
+    assert os.path.exists(tmp_path / "fm" / "selected.json")
+
+
+def test_best_and_plot(tmp_path):
+    train = command(".venv/bin/python -m experiments.train --config "
+                    "experiments/configs/fashion_mnist_best.py")
+    main = command("bash experiments/setup.sh && ").split(" && ", 1)[1]
+    runs = {"runs/fashion_mnist_best": str(tmp_path / "best"),
+            "runs/fashion_mnist": str(tmp_path / "main")}
+    run(argv(train, **runs) + TINY_TRAIN)
+    run(argv(main, **{"runs/fashion_mnist": runs["runs/fashion_mnist"]}) + TINY_TRAIN)
+    plot = command(".venv/bin/python -m experiments.plot_runs")
+    plot = plot.replace("fashion_mnist_time.png", str(tmp_path / "time.png"))
+    run(argv(plot.replace("runs/fashion_mnist_best", runs["runs/fashion_mnist_best"])
+             .replace("=runs/fashion_mnist\"", "=" + runs["runs/fashion_mnist"] + "\"")))
+    assert os.path.getsize(tmp_path / "time.png") > 10_000
+
+
+def test_summary():
+    out = run(argv(command(".venv/bin/python -m experiments.summary")))
+    assert "25,557,032" in out
+
+
+def test_train_evaluate(tmp_path):
+    workdir = str(tmp_path / "run")
+    train = command(".venv/bin/python -m experiments.train --config experiments/configs/NAME.py")
+    args = argv(train.replace(" [--config.field=value ...]", ""),
+                NAME="fashion_mnist_best", DIR=workdir)
+    run(args + TINY_TRAIN + ["--config.validation_split=0.05"])
+    evaluate = command(".venv/bin/python -m experiments.evaluate")
+    base = argv(evaluate.split(" [")[0], DIR=workdir)
+    options = re.findall(r"\[(--[a-z]+)(?: ([a-z|]+))?\]", evaluate)
+    assert [o[0] for o in options] == ["--split", "--checkpoint", "--ema"]
+    base += ["--subset", "300"]  # the first 300 examples of each split
+    for split in options[0][1].split("|"):
+        assert json.loads(run(base + ["--split", split]))["split"] == split
+    for which in options[1][1].split("|"):
+        result = json.loads(run(base + ["--checkpoint", which]))
+        # fashion_mnist_best selects its EMA weights; the latest are the trained ones
+        assert result["weights"] == ("trained" if which == "latest" else "ema")
+    assert json.loads(run(base + ["--checkpoint", "latest", "--ema"]))["weights"] == "ema"
+    assert json.loads(run(base))["split_is"] == "test"
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+    """imagenet2012 in tfds' ArrayRecord format, from JPEGs of real photographs."""
+    from benchmarks.jpeg_folder import photographs, variant
+    from resnet_jax.data.tfds_offline import jpeg_bytes, prepare
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    photos = photographs()[:4]
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return [{"image": jpeg_bytes(variant(photos[k % 4], rng)), "label": k % 4,
+                 "file_name": f"n{k}.JPEG"} for k in range(n)]
+
+    data = {"train": split(96), "validation": split(24)}
+    prepare("imagenet2012", {s: (lambda s=s: data[s]) for s in data}, data_dir)
+    return data_dir
+
+
+def test_image_folder(tmp_path):
+    from benchmarks.jpeg_folder import write_folder
+
+    folder = write_folder(str(tmp_path / "images"), train=60, val=12, classes=3)
+    cmd = command(".venv/bin/python -m experiments.train --config "
+                  "experiments/configs/imagenet_resnet50.py --workdir runs/mine")
+    run(argv(cmd, DIR=folder, **{"runs/mine": str(tmp_path / "mine")}) + TINY_IMAGENET
+        + ["--config.batch_size=8", "--config.eval_batch_size=8"])
+    assert json.load(open(tmp_path / "mine" / "selected.json"))["test_count"] == 12
+
+
+def test_multi_gpu_on_8_devices(tmp_path, imagenet_dir):
+    cmd = command("python -m experiments.train --config experiments/configs/imagenet_resnet50.py "
+                  "--workdir runs/r50")
+    run(argv(cmd, **{"/data/tfds": imagenet_dir, "runs/r50": str(tmp_path / "r50")})
+        + TINY_IMAGENET + ["--config.batch_size=16"], devices=8)
+    record = json.loads(open(tmp_path / "r50" / "metrics.jsonl").readlines()[-1])
+    assert record["step"] == 2 and record["test_count"] == 16
+
+
+def test_slurm_on_two_processes_of_8_devices(tmp_path, imagenet_dir):
+    """srun's environment for 2 tasks on 2 nodes, the node list on the loopback address;
+    jax.distributed finds the cluster from it (config.distributed=True)."""
+    cmd = command("srun")
+    args = argv(cmd.split(" python ", 1)[1].join(["python ", ""]),
+                **{"/shared/runs/r50": str(tmp_path / "r50")})
+    args += TINY_IMAGENET + ["--config.batch_size=32"]
+    job = str(4000 + os.getpid() % 90)  # the coordinator port derives from the job id
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=imagenet_dir,
+                   XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   SLURM_JOB_ID=job, SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                   SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_STEP_NUM_NODES="2")
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    record = json.loads(open(tmp_path / "r50" / "metrics.jsonl").readlines()[-1])
+    assert record["step"] == 2 and record["test_count"] == 16
+
+
+def test_launch(tmp_path):
+    cmd = command("python -m experiments.launch")
+    run(argv(cmd, **{"runs/mp": str(tmp_path / "mp")}) + TINY_TRAIN
+        + ["--config.batch_size=64"])
+    assert os.path.exists(tmp_path / "mp" / "selected.json")
+
+
+def test_scaling(tmp_path):
+    """The scaling benchmark, on forced CPU devices instead of GPUs."""
+    cmd = command("python -m experiments.benchmark --model")
+    args = argv(cmd.replace("--platform gpu", "--platform cpu"))
+    out = str(tmp_path / "scaling.json")
+    run(args + ["--steps", "2", "--warmup", "1", "--batch-per-device", "8", "--output", out])
+    assert [r["devices"] for r in json.load(open(out))] == [1, 2, 4]
+
+
+def test_transfer(tmp_path):
+    """The README names torchvision's published ResNet-50 file, which is not here (no
+    network): a randomly initialised ResNet-50 under that name is refused by its hash, as it
+    must be, and converted under another name; the fine-tuning command then starts from it."""
+    from resnet_jax.convert.files import KNOWN_FILES
+
+    convert = command(".venv/bin/python -m experiments.convert_weights")
+    pth = re.search(r"--input (\S+)", convert).group(1)
+    assert pth in KNOWN_FILES
+    import torch
+
+    from resnet_jax.convert.torchvision import torchvision_models
+
+    torch.save(torchvision_models().resnet50().state_dict(), str(tmp_path / pth))
+    refused = subprocess.run(argv(convert), cwd=str(tmp_path), capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+    assert refused.returncode == 2 and "is not the published" in refused.stderr
+    os.rename(tmp_path / pth, tmp_path / "stand-in.pth")
+    run(argv(convert.replace(pth, "stand-in.pth")), cwd=str(tmp_path))
+    train = command(".venv/bin/python -m experiments.train --config "
+                    "experiments/configs/transfer_resnet50.py")
+    train = train.replace("experiments/configs", os.path.join(ROOT, "experiments", "configs"))
+    run(argv(train) + TINY_TRAIN[:3] + ["--config.num_steps=2", "--config.batch_size=16",
+                                         "--config.progress_bar=False"], cwd=str(tmp_path))
+    saved = json.load(open(tmp_path / "runs" / "transfer" / "config.json"))
+    assert tuple(saved["input_mean"]) == (0.485, 0.456, 0.406)
+
+
+def test_against_torch(tmp_path):
+    pip, bench = command(".venv/bin/pip install -r requirements-bench.txt").split(" && ")
+    pip_args = shlex.split(pip)
+    run([sys.executable, "-m", "pip", *pip_args[1:]])
+    run(argv(bench) + ["--models", "cifar_resnet20", "--repeats", "1", "--rounds", "1",
+                       "--results-dir", str(tmp_path)])
+    assert any(name.endswith(".json") for name in os.listdir(tmp_path))
+
+
+def test_against_user(tmp_path):
+    run(argv(command(".venv/bin/python -m experiments.benchmark --against user"))
+        + ["--models", "cifar_resnet20", "--repeats", "1", "--rounds", "1", "--results-dir",
+           str(tmp_path)])
+    assert os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_input_pipeline(tmp_path):
+    """TensorFlow in .venv-tf (the set-up installs it when missing), then the benchmark on a
+    small folder."""
+    setup, bench = command("bash experiments/setup.sh tf").split(" && ")
+    subprocess.run(shlex.split(setup), cwd=ROOT, check=True, capture_output=True, timeout=1200)
+    out = run(argv(bench) + ["--images", "300", "--batches", "1", "--workers", "1",
+                             "--folder", str(tmp_path / "jpegs"), "--rounds", "1",
+                             "--results-dir", str(tmp_path / "results")])
+    assert "tf.data" in out
