@@ -307,3 +307,27 @@ class Checkpointer:
         self.wait()
         self.latest.close()
         self.best.close()
+
+
+def read_selected(workdir: str) -> dict[str, Any]:
+    """The run's selected.json (the model a finished run handed over), or {}."""
+    path = os.path.join(workdir, "selected.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def selected_checkpoint(workdir: str) -> tuple[str, int | None]:
+    """("best" or "latest", step or None) of the model the run in `workdir` hands over: the
+    step selected.json names; before the run finished, its best checkpoint if it has one,
+    else its latest (step None: the newest intact one)."""
+    chosen = read_selected(workdir)
+    if chosen:
+        return ("latest" if chosen.get("by") == "last step" else "best"), int(chosen["step"])
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        has_best = bool(ckpt.steps("best"))
+    finally:
+        ckpt.close()
+    return ("best" if has_best else "latest"), None

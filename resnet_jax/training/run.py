@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from resnet_jax.data.sources import DatasetInfo, Source, load_source
 from resnet_jax.data.transforms import center_crop, normalize, to_rgb
 from resnet_jax.training import experiment, metrics
-from resnet_jax.training.checkpoint import Checkpointer
+from resnet_jax.training.checkpoint import Checkpointer, read_selected, selected_checkpoint
 from resnet_jax.training.config import run_config
 from resnet_jax.training.evaluation import evaluate
 from resnet_jax.training.losses import get_loss
@@ -66,10 +65,10 @@ class Run:
         config = run_config(workdir)
         info = experiment.info_of(config)
         model = experiment.build_model(config, config.num_classes or info.num_classes)
-        chosen = _selected(workdir)
+        chosen = read_selected(workdir)
         step = None
         if which == "selected":
-            which, step = _resolve_selected(workdir, chosen)
+            which, step = selected_checkpoint(workdir)
         if ema is None:
             ema = which == "best" and config.selection_metric.startswith("val_ema_")
             ema = ema or (chosen.get("weights") == "ema" and step is not None)
@@ -101,7 +100,7 @@ class Run:
     def selected(self) -> dict[str, Any]:
         """What the finished run selected (selected.json): step, weights, the validation
         metric it was chosen by, and its test metrics read once; {} before it finished."""
-        return _selected(self.workdir)
+        return read_selected(self.workdir)
 
     @property
     def info(self) -> DatasetInfo:
@@ -187,22 +186,3 @@ class Run:
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
 
-
-def _selected(workdir: str) -> dict[str, Any]:
-    path = os.path.join(workdir, "selected.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def _resolve_selected(workdir: str, chosen: dict[str, Any]) -> tuple[str, int | None]:
-    """("best" or "latest", step or None) of the selected checkpoint."""
-    if chosen:
-        return ("best" if chosen.get("by") != "last step" else "latest"), int(chosen["step"])
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        has_best = bool(ckpt.steps("best"))
-    finally:
-        ckpt.close()
-    return ("best" if has_best else "latest"), None

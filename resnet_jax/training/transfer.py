@@ -79,25 +79,17 @@ def load_pretrained(directory: str) -> dict[str, Any]:
             out = ckpt.restore(converted)
         return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
     if os.path.isdir(os.path.join(directory, "checkpoints")):
-        from resnet_jax.training.checkpoint import Checkpointer
+        from resnet_jax.training.checkpoint import (Checkpointer, read_selected,
+                                                    selected_checkpoint)
 
-        chosen = {}
-        if os.path.exists(os.path.join(directory, "selected.json")):
-            with open(os.path.join(directory, "selected.json")) as f:
-                chosen = json.load(f)
+        which, step = selected_checkpoint(directory)
         ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
         try:
-            if chosen:  # the model the finished run handed over
-                which = "latest" if chosen.get("by") == "last step" else "best"
-                state = ckpt.restore(None, which, int(chosen["step"]))
-            else:
-                restored = (ckpt.restore_checked(which="best") if ckpt.steps("best")
-                            else ckpt.restore_checked(which="latest"))
-                state = restored.state if restored is not None else None
+            state = ckpt.restore(None, which, step)
         finally:
             ckpt.close()
         if state is not None:
-            if chosen.get("weights") == "ema":
+            if read_selected(directory).get("weights") == "ema":
                 state = state["ema"]
             return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     raise FileNotFoundError(
