@@ -4,6 +4,7 @@
     python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch
     python -m experiments.benchmark --against user      # the engine's step vs a plain one
     python -m experiments.benchmark --input-pipeline    # JPEG input pipeline vs tf.data
+    python -m experiments.benchmark --accelerator       # one GPU/TPU: train step vs PyTorch
 
 Each device count runs in a fresh process (on the CPU, JAX is split into N host devices
 with XLA_FLAGS; on GPUs, CUDA_VISIBLE_DEVICES keeps the first N). The global batch is
@@ -82,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", default="pmap", choices=("single", "pmap", "sharded"))
     parser.add_argument("--devices", default="1,2,4", help="comma-separated device counts")
     parser.add_argument("--batch-per-device", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps (default 5; with --accelerator 20)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 2; with --accelerator 5)")
     parser.add_argument("--input-shape", default=None, help="H,W,C (default: the model's)")
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--platform", default=os.environ.get("JAX_PLATFORMS", "cpu"),
@@ -92,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", choices=("torch", "user"), default=None,
                         help="the CPU speed suite against PyTorch, or the engine's step against "
                              "a plain jax.jit + optax step with ops.cpu (benchmarks/speed_suite.py)")
-    parser.add_argument("--models", default=None, help="with --against: a subset of the suite")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default=None,
+                        help="with --against or --accelerator: a subset of the models")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="default 5; with --accelerator 3")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3,
                         help="with --against: pairs of runs per model, in alternating order")
@@ -109,8 +114,47 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --input-pipeline: the image folder (DIR/train/CLASS/*.jpg)")
     parser.add_argument("--batches", type=int, default=24,
                         help="with --input-pipeline: batches of 256 timed per measurement")
+    parser.add_argument("--accelerator", action="store_true",
+                        help="train-step images/s, MFU, first-step time and input-boundness "
+                             "on one device against PyTorch (benchmarks/accelerator.py)")
+    parser.add_argument("--sizes", choices=("full", "tiny"), default="full",
+                        help="with --accelerator: the benchmark's sizes, or CPU-sized ones")
+    parser.add_argument("--dtypes", default="bfloat16,float32",
+                        help="with --accelerator: compute dtypes")
+    parser.add_argument("--data-workers", type=int, default=None,
+                        help="with --accelerator: input worker processes (default: one per "
+                             "CPU core; 0: in the benchmark's process)")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="with --accelerator: skip the pipeline-fed measurement")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="with --accelerator: skip the PyTorch peer")
+    parser.add_argument("--no-torch-compile", action="store_true",
+                        help="with --accelerator: the PyTorch peer in eager mode")
+    parser.add_argument("--xla-flags", default=None,
+                        help="with --accelerator: XLA_FLAGS for the resnet_jax side")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="with --accelerator: the device's peak, where the table lacks it")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.accelerator:
+        from benchmarks import accelerator
+
+        if args.data_workers is not None and args.data_workers < 0:
+            parser.error(f"--data-workers {args.data_workers}: expected >= 0")
+        models = (args.models.split(",") if args.models else list(accelerator.SIZES[args.sizes]))
+        try:
+            accelerator.run(models, args.dtypes.split(","), args.sizes,
+                            args.steps or 20, 5 if args.warmup is None else args.warmup,
+                            args.repeats or 3,
+                            -1 if args.no_pipeline else args.data_workers, args.folder,
+                            not args.no_torch, not args.no_torch_compile, args.xla_flags,
+                            args.peak_tflops, args.results_dir or accelerator.RESULTS)
+        except ValueError as err:
+            parser.error(str(err))
+        return 0
+    steps = args.steps or 5
+    warmup = 2 if args.warmup is None else args.warmup
+    repeats = args.repeats or 5
     if args.input_pipeline:
         from benchmarks import input_pipeline
 
@@ -126,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.against:
         from benchmarks import speed_suite
 
-        return speed_suite.main(args.models.split(",") if args.models else None, args.repeats,
-                                args.warmup, args.threads, args.rounds,
+        return speed_suite.main(args.models.split(",") if args.models else None, repeats,
+                                warmup, args.threads, args.rounds,
                                 args.results_dir or speed_suite.RESULTS, peer=args.against)
     counts = [int(d) for d in args.devices.split(",")]
     if any(n < 1 for n in counts):
@@ -139,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
             experiment.apply_process_settings(config.base_config())  # as experiments.train
         result = measure(args.model, args.parallel, args.batch_per_device * counts[0],
-                         args.steps, args.warmup, _parse_shape(args.input_shape), args.sync_bn)
+                         steps, warmup, _parse_shape(args.input_shape), args.sync_bn)
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -156,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", "--model", args.model,
                "--parallel", args.parallel, "--devices", str(n), "--batch-per-device",
-               str(args.batch_per_device), "--steps", str(args.steps), "--warmup",
-               str(args.warmup)] + (["--input-shape", args.input_shape] if args.input_shape
+               str(args.batch_per_device), "--steps", str(steps), "--warmup",
+               str(warmup)] + (["--input-shape", args.input_shape] if args.input_shape
                                     else []) + (["--sync-bn"] if args.sync_bn else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

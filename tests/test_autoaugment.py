@@ -68,6 +68,7 @@ def test_geometric_operations_equal_pil(channels):
     assert np.array_equal(aa.rotate(image, 0), image)
 
 
+@pytest.mark.torch
 def test_the_magnitude_spaces_are_torchvisions():
     assert aa.RAND_AUGMENT["rotate"][1](32, 32)[9] == pytest.approx(9.0)  # 30 * 9 / 30
     assert aa.TRIVIAL_AUGMENT_WIDE["rotate"][1](32, 32)[-1] == pytest.approx(135.0)

@@ -80,6 +80,7 @@ CASES = [("resnet18", 224), ("alexnet_owt", 224),
          pytest.param("resnet152", 128, marks=pytest.mark.slow)]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("model_name,size", CASES)
 def test_torchvision_weights_give_torchvisions_logits_and_block_outputs(model_name, size):
     torch_model = randomized_torch_model(model_name)
@@ -100,6 +101,7 @@ def test_torchvision_weights_give_torchvisions_logits_and_block_outputs(model_na
           f"{max(rel_err(ours[a], theirs[b]) for a, b in pairs):.2e}")
 
 
+@pytest.mark.torch
 def test_conversion_errors_name_the_tensor():
     torch_model = randomized_torch_model("resnet18")
     state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}

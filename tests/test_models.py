@@ -268,6 +268,7 @@ def test_stride_on_places_the_stride_of_bottleneck_blocks(stride_on, conv1_hw):
     assert block["conv2"]["__call__"][0].shape[1] == 4
 
 
+@pytest.mark.torch
 def test_layer_names_follow_torchvision():
     params = cheap_variables(get_model("resnet50"), (32, 32, 3))["params"]
     assert {"conv1", "bn1", "fc", "layer1_0", "layer4_2"} <= set(params)

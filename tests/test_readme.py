@@ -86,6 +86,8 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist_best.py":
         "best_and_plot",
     ".venv/bin/python -m experiments.plot_runs": "best_and_plot",
+    "ACCELERATOR=": "accelerator_installs",
+    ".venv/bin/python -m experiments.benchmark --accelerator": "accelerator",
 }
 
 
@@ -95,7 +97,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 17
+    assert len(commands) == 21
 
 
 def test_command_is_what_ci_runs():
@@ -232,6 +234,7 @@ def test_scaling(tmp_path):
     assert [r["devices"] for r in json.load(open(out))] == [1, 2, 4]
 
 
+@pytest.mark.torch
 def test_transfer(tmp_path):
     """The README names torchvision's published ResNet-50 file, which is not here (no
     network): a randomly initialised ResNet-50 under that name is refused by its hash, as it
@@ -260,6 +263,7 @@ def test_transfer(tmp_path):
     assert tuple(saved["input_mean"]) == (0.485, 0.456, 0.406)
 
 
+@pytest.mark.torch
 def test_against_torch(tmp_path):
     pip, bench = command(".venv/bin/pip install -r requirements-bench.txt").split(" && ")
     pip_args = shlex.split(pip)
@@ -286,3 +290,60 @@ def test_input_pipeline(tmp_path):
                              "--folder", str(tmp_path / "jpegs"), "--rounds", "1",
                              "--results-dir", str(tmp_path / "results")])
     assert "tf.data" in out
+
+
+def _pins(path: str) -> list[str]:
+    return [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
+
+
+def test_accelerator_installs(tmp_path):
+    """The README's GPU and TPU set-ups: each names a requirements file holding the shared
+    requirements and jax with the accelerator's extra, at the version CI tests the code on
+    (requirements-newest.txt), and nothing of requirements.txt's CPU pins; and each resolves
+    on the package index for Python 3.12 (`pip install --dry-run`, wheels only)."""
+    newest = _pins(os.path.join(ROOT, "requirements-newest.txt"))
+    assert newest[0] == "-r requirements-core.txt" and newest[1].startswith("jax==")
+    version = newest[1].split("==")[1]
+    assert newest[2] == f"jaxlib=={version}"
+    assert "jax==0.10.2" in _pins(os.path.join(ROOT, "requirements.txt"))  # the CPU default
+    commands = [c for c in readme_commands() if c.startswith("ACCELERATOR=")]
+    assert sorted(c.split()[0] for c in commands) == [
+        "ACCELERATOR=cuda12", "ACCELERATOR=cuda13", "ACCELERATOR=tpu"]
+    for cmd in commands:
+        name = cmd.split()[0].split("=")[1]
+        assert cmd.split(" ", 1)[1] == "bash experiments/setup.sh"
+        path = os.path.join(ROOT, f"requirements-{name}.txt")
+        assert _pins(path) == ["-r requirements-core.txt", f"jax[{name}]=={version}"]
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-cache-dir",
+             "--ignore-installed", "--only-binary=:all:", "--python-version", "3.12",
+             "--target", str(tmp_path / name), "-r", path],
+            cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+
+
+@pytest.mark.torch
+def test_accelerator(tmp_path):
+    """The accelerator benchmark at CPU sizes: both sides measured, the ratio, the step's FLOPs
+    from XLA's cost analysis and the MFU they give against a stated peak."""
+    bench = command(".venv/bin/python -m experiments.benchmark --accelerator")
+    run(argv(bench) + ["--sizes", "tiny", "--models", "cifar_resnet20", "--steps", "2",
+                       "--warmup", "1", "--repeats", "1", "--data-workers", "1",
+                       "--peak-tflops", "1", "--results-dir", str(tmp_path)])
+    table = json.load(open(tmp_path / "accelerator_cpu_tiny.json"))
+    rows = table["rows"]
+    assert [(r["model"], r["dtype"], r["batch"]) for r in rows] == [
+        ("cifar_resnet20", "bfloat16", 16), ("cifar_resnet20", "float32", 16)]
+    for r in rows:
+        assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["fed_img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"], rel=2e-3)
+        # ResNet-20 (He et al. 2016) takes 41M multiply-adds a 32x32 image forward: 82 MFLOPs;
+        # a train step is about 3 forwards (forward, input and weight gradients) plus the
+        # BatchNorm, ReLU, loss and optimizer element-wise work.
+        assert 0.22 < r["gflops_per_image"] < 0.32, r["gflops_per_image"]
+        assert r["mfu"] == pytest.approx(r["gflops_per_image"] * 1e9 * r["jax_img_s"] / 1e12,
+                                         rel=1e-2)
+        assert isinstance(r["input_bound"], bool)
+    assert table["meta"]["torch_compiled"] is True
+    assert "| cifar_resnet20 | 32 | 16 | bfloat16 |" in open(
+        tmp_path / "accelerator_cpu_tiny.md").read()

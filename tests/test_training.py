@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import chex
 import jax
@@ -374,6 +375,33 @@ def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
     assert result["accuracy"] * 1000 == pytest.approx(correct, abs=1e-6)
 
 
+def test_eval_flip_averages_the_probabilities_of_each_image_and_its_mirror():
+    """eval_flip: the eval step's predictions are the mean of the class probabilities of the
+    image and of its left-right mirror (NHWC: the W axis), not of either alone."""
+    from resnet_jax.models import get_model
+    from resnet_jax.training.steps import eval_logits
+
+    model = get_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1, 1))
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(6, 16, 16, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), images, train=False)
+    plain = jax.nn.softmax(model.apply(variables, images, train=False))
+    mirror = jax.nn.softmax(model.apply(variables, images[:, :, ::-1], train=False))
+    assert not np.allclose(plain, mirror, atol=1e-3)  # the mirror is a different input
+    averaged = np.exp(eval_logits(model, variables, images, flip=True))
+    np.testing.assert_allclose(averaged, (plain + mirror) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(eval_logits(model, variables, images), model.apply(
+        variables, images, train=False), rtol=1e-6)
+    # the eval step reports the flip-averaged loss
+    state = types.SimpleNamespace(params=variables["params"],
+                                  batch_stats=variables["batch_stats"])
+    labels = rng.integers(0, 10, 6).astype(np.int32)
+    batch = {"image": images, "label": labels}
+    flipped = make_eval_step(model, 10, get_loss("softmax_cross_entropy"), flip=True)(state, batch)
+    expected = -np.sum(np.log((plain + mirror)[np.arange(6), labels] / 2))
+    assert float(flipped["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
 # --- whole runs ---------------------------------------------------------------------------
 
 def test_a_few_steps_on_cifar10_prepared_offline_lower_the_loss(tmp_path):
@@ -451,6 +479,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.torch
 def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
     """`benchmark --against torch` on the suite's smallest model, one round: JSON and table
     written, equal parameter counts, ratio = JAX / PyTorch throughput."""
@@ -472,6 +501,28 @@ def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
         benchmark.main(["--against", "torch", "--models", "resnet9000", "--results-dir",
                         str(tmp_path)])
 
+
+
+def test_the_accelerator_benchmark_knows_peaks_by_device_kind_and_refuses_unknown_names(
+        capsys):
+    """MFU's denominator: the dense peak of the device kind jax reports (H100 SXM before PCIe
+    is not taken for it), none for a CPU unless given; unknown models and dtypes are errors
+    naming them and what there is."""
+    from benchmarks.accelerator import peak_flops
+    from experiments import benchmark
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.5e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "float32") == 494.5e12  # TF32
+    assert peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert peak_flops("NVIDIA H200", "bfloat16") == 989.5e12
+    assert peak_flops("TPU v4", "float32") is None
+    assert peak_flops("cpu", "bfloat16") is None
+    assert peak_flops("cpu", "bfloat16", override_tflops=2.0) == 2e12
+    for args, message in ((["--models", "resnet9000"], "resnet9000"),
+                          (["--dtypes", "float16"], "float16")):
+        with pytest.raises(SystemExit):
+            benchmark.main(["--accelerator", "--sizes", "tiny", *args])
+        assert message in capsys.readouterr().err
 
 def test_random_erasing_erases_about_its_probability_of_images_and_is_reproducible():
     source, info = _toy_source(n=400, shape=(32, 32, 3)), DATASETS["cifar10"]

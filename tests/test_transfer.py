@@ -33,6 +33,7 @@ def converted(tmp_path_factory):
     return out, {k: v.numpy() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.torch
 def test_the_cli_writes_the_converted_variables_and_a_record(converted, tmp_path):
     from resnet_jax.convert import torchvision as tv_convert
     from experiments import convert_weights
@@ -56,6 +57,7 @@ def test_the_cli_writes_the_converted_variables_and_a_record(converted, tmp_path
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.torch
 def test_a_file_named_as_a_published_one_must_have_its_hash(converted, tmp_path):
     import shutil
 
@@ -97,6 +99,7 @@ def flat(tree, prefix=()):
     return out
 
 
+@pytest.mark.torch
 def test_frozen_backbone_fine_tuning_moves_only_the_head(converted, tmp_path):
     out, _ = converted
     start = transfer.load_pretrained(out)
@@ -119,6 +122,7 @@ def test_frozen_backbone_fine_tuning_moves_only_the_head(converted, tmp_path):
     assert not np.allclose(after[("params", "fc", "kernel")], fresh["params"]["fc"]["kernel"])
 
 
+@pytest.mark.torch
 def test_full_fine_tuning_moves_the_backbone_too(converted, tmp_path):
     out, _ = converted
     start = transfer.load_pretrained(out)
@@ -141,6 +145,7 @@ def test_the_frozen_optimizer_gives_zero_updates_and_keeps_no_state_for_the_back
     assert np.all(updates["fc"]["kernel"] != 0)
 
 
+@pytest.mark.torch
 def test_init_from_another_model_names_the_tensor(converted, tmp_path):
     out, _ = converted
     with pytest.raises(ValueError, match=r"init_from=.* lacks params/layer1_2/bn1/bias"):
@@ -170,6 +175,7 @@ def test_the_transfer_config_is_the_seed_recipe():
 
 # --- the weights' own preprocessing ------------------------------------------------------------
 
+@pytest.mark.torch
 def test_a_fine_tuning_run_feeds_the_model_as_its_weights_were_fed(converted, tmp_path):
     """conversion.json records torchvision's preprocessing; the run resolves it into its
     config, its pipeline normalises with it, and Run.preprocess does the same."""

@@ -88,6 +88,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                        "early stopping decide on it", bounds="[0, 1)"),
         "validation_dataset_split": Field("", "the dataset's own validation split instead (e.g. "
                                               "'validation' in tfds, 'val' of an image folder)"),
+        "eval_flip": Field(False, "evaluation and predictions average the class probabilities "
+                                  "of each image and its left-right mirror image"),
         "test_every_period": Field(False, "also evaluate the test split after each period "
                                           "(test_* in metrics.jsonl, reported only)"),
         "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",

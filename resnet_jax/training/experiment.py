@@ -256,7 +256,8 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
                                            (c.mixup_alpha, c.cutmix_alpha),
                                            (c.ema_decay, c.ema_warmup)),
         # evaluation reports the loss without label smoothing
-        lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis),
+        lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis,
+                                          c.eval_flip),
         c.batch_size, eval_batch_size(c), jit_options(c), _state_specs(c))
 
 

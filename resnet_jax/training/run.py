@@ -21,7 +21,7 @@ from resnet_jax.training.config import run_config
 from resnet_jax.training.evaluation import evaluate
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.state import TrainState
-from resnet_jax.training.steps import make_eval_step
+from resnet_jax.training.steps import eval_logits, make_eval_step
 
 WHICH = ("selected", "best", "latest")
 
@@ -177,12 +177,14 @@ class Run:
     @functools.cached_property
     def _probabilities(self):
         options = experiment.jit_options(self.config)
-        return jax.jit(lambda v, x: jax.nn.softmax(self.model.apply(v, x)),
+        flip = self.config.get("eval_flip", False)
+        return jax.jit(lambda v, x: jax.nn.softmax(eval_logits(self.model, v, x, flip)),
                        compiler_options=options("eval") if options else None)
 
     @functools.cached_property
     def _eval_step(self):
-        step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss))
+        step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss),
+                              flip=self.config.get("eval_flip", False))
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
 

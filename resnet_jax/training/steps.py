@@ -179,15 +179,27 @@ def update_ema(average, new, step: jax.Array, decay: float, warmup: bool):
     return jax.tree.map(lambda a, n: (d * a + (1.0 - d) * n).astype(a.dtype), average, new)
 
 
-def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None
-                   ) -> Callable[[TrainState, dict], Metrics]:
+def eval_logits(model, variables, images: jax.Array, flip: bool = False) -> jax.Array:
+    """The model's logits in inference mode; with `flip`, the log of the class probabilities
+    averaged over each image and its left-right mirror (images are NHWC)."""
+    logits = model.apply(variables, images, train=False)
+    if not flip:
+        return logits
+    mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+    return jnp.log((jax.nn.softmax(logits.astype(jnp.float32))
+                    + jax.nn.softmax(mirrored.astype(jnp.float32))) / 2)
+
+
+def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None,
+                   flip: bool = False) -> Callable[[TrainState, dict], Metrics]:
     """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch: loss,
     top-1 and top-5 hits (`accuracy`, `top5_accuracy`), `count`, and the `confusion` matrix
-    (true x predicted). Every key but those two is a sum to divide by the count."""
+    (true x predicted). Every key but those two is a sum to divide by the count. `flip`:
+    predictions from each image and its mirror image (`eval_logits`)."""
 
     def eval_step(state: TrainState, batch: dict) -> Metrics:
-        logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                             batch["image"], train=False)
+        logits = eval_logits(model, {"params": state.params, "batch_stats": state.batch_stats},
+                             batch["image"], flip)
         mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
         labels = batch["label"]
         predicted = jnp.argmax(logits, -1)
