@@ -8,8 +8,10 @@ float32), each side in a fresh process on the first device of the default backen
 - resnet_jax: the engine's jitted train step (SGD with momentum, weight decay, donated state;
   parallel="single", the XLA path, not the CPU backend's kernels) on a batch already on the
   device: images/s over `--steps` steps dispatched back to back (median of `--repeats`);
-  the step's FLOPs from XLA's cost analysis of the lowered step, and from them the fraction
-  of the device's peak FLOP/s used (MFU; peaks from the vendors' data sheets, dense, below);
+  the step's FLOPs from XLA's cost analysis of the same step lowered for the CPU (in a
+  CPU-only process: the GPU backend's analysis leaves out cuDNN's convolutions), and from
+  them the fraction of the device's peak FLOP/s used (MFU; peaks from the vendors' data
+  sheets, dense, below);
   the seconds from building the model to the first step's result (trace, compile, run).
 - resnet_jax fed by its input pipeline: the same step, each batch made by the grain
   pipeline with `--data-workers` processes (crop-and-flip of in-memory 32x32 images for the CIFAR
@@ -75,12 +77,20 @@ def peak_flops(device_kind: str, dtype: str, override_tflops: float | None = Non
     return None
 
 
-def step_flops(lowered) -> float | None:
-    """FLOPs of one call of a lowered jitted function, from XLA's cost analysis."""
-    cost = lowered.cost_analysis()
+def step_flops(jitted, *args) -> float | None:
+    """FLOPs of one call of `jitted(*args)`, from XLA's cost analysis of its lowered HLO.
+    Call it where the CPU is jax's backend (`count_flops` runs in a process with
+    JAX_PLATFORMS=cpu): the GPU backend gives no analysis before compilation, and after it
+    counts nothing for the convolutions it hands to cuDNN (0.41 GFLOPs a ResNet-50 image,
+    forward and backward, seen on an H200 with jax 0.11.2, against 23.7 counted on the CPU).
+    The arithmetic is the model's, not the backend's."""
+    import jax
+
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    cost = jitted.lower(*abstract).cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
+    if not cost or not cost.get("flops"):
         return None
     return float(cost["flops"])
 
@@ -126,39 +136,58 @@ def _pipeline(model: str, image: int, batch: int, channels: int, classes: int,
     return pipeline.train_batches(source, info, batch, 0, image_size=image, workers=workers)
 
 
-def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warmup: int,
-                repeats: int, workers: int, folder: str, peak_tflops: float | None) -> dict:
-    import jax
-    import numpy as np
-
-    from resnet_jax.data import pipeline
+def _engine(model: str, image: int, batch: int, dtype: str):
+    """(spec, image shape, model, optimizer, strategy): the engine's single-device train step
+    for the benchmark's settings (SGD with momentum and weight decay, constant rate)."""
     from resnet_jax.models import get_spec
     from resnet_jax.training import experiment
     from resnet_jax.training.config import base_config, durations
     from resnet_jax.training.optim import make_optimizer
-    from resnet_jax.training.state import create_train_state
 
     spec = get_spec(model)
     shape = (image, image, spec.input_shape[-1])
     c = base_config()
     c.model, c.parallel, c.dtype, c.cpu_kernels = model, "single", dtype, False
     c.schedule, c.batch_size, c.eval_batch_size = "constant", batch, batch
+    net = experiment.build_model(c, spec.num_classes)
+    tx, schedule = make_optimizer(c, durations(c, 1000))
+    return spec, shape, net, tx, experiment.make_steps(c, net, spec.num_classes, tx, schedule)
+
+
+def count_flops(model: str, image: int, batch: int, dtype: str) -> dict:
+    """The train step's FLOPs, from its HLO lowered for the CPU (see step_flops)."""
+    import jax
+    import numpy as np
+
+    from resnet_jax.training.state import create_train_state
+
+    _, shape, net, tx, strategy = _engine(model, image, batch, dtype)
+    state = jax.eval_shape(lambda: create_train_state(net, tx, jax.random.key(0), shape))
+    data = {"image": np.zeros((batch, *shape), np.float32), "label": np.zeros(batch, np.int32)}
+    return {"side": "flops", "flops_per_step": step_flops(strategy.train_step, state, data,
+                                                          jax.random.key(1))}
+
+
+def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warmup: int,
+                repeats: int, workers: int, folder: str) -> dict:
+    import jax
+    import numpy as np
+
+    from resnet_jax.data import pipeline
+    from resnet_jax.training.state import create_train_state
+
+    start = time.perf_counter()
+    spec, shape, net, tx, strategy = _engine(model, image, batch, dtype)
     rng = np.random.default_rng(0)
     host = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
             "label": rng.integers(0, spec.num_classes, batch).astype(np.int32)}
     key = jax.random.key(1)
-
-    start = time.perf_counter()
-    net = experiment.build_model(c, spec.num_classes)
-    tx, schedule = make_optimizer(c, durations(c, 1000))
-    strategy = experiment.make_steps(c, net, spec.num_classes, tx, schedule)
     state = strategy.place_state(jax.jit(create_train_state, static_argnums=(0, 1, 3))(
         net, tx, jax.random.key(0), shape))
     data = strategy.put_train_batch(host)
     state, m = strategy.train_step(state, data, key)
     jax.block_until_ready(m)
     first = time.perf_counter() - start
-    flops = step_flops(strategy.train_step.lower(state, data, key))
 
     def resident(n):
         nonlocal state
@@ -186,9 +215,7 @@ def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warm
         finally:
             pipeline.close(batches)
     device = jax.devices()[0]
-    peak = peak_flops(device.device_kind, dtype, peak_tflops)
-    return {"side": "resnet_jax", "img_s": rate, "first_step_s": first, "flops_per_step": flops,
-            "mfu": flops * rate / batch / peak if flops and peak else None,
+    return {"side": "resnet_jax", "img_s": rate, "first_step_s": first,
             "fed_img_s": fed_rate, "device_kind": device.device_kind,
             "platform": jax.default_backend(), "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -244,14 +271,18 @@ def measure_torch(model: str, image: int, batch: int, dtype: str, steps: int, wa
 def _worker(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     side = spec.pop("side")
-    result = measure_jax(**spec) if side == "resnet_jax" else measure_torch(**spec)
+    measure = {"resnet_jax": measure_jax, "torch": measure_torch, "flops": count_flops}[side]
+    result = measure(**spec)
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def _spawn(spec: dict, xla_flags: str | None) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
     if xla_flags is not None and spec["side"] == "resnet_jax":
         env["XLA_FLAGS"] = xla_flags
+    if spec["side"] == "flops":
+        env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--worker",
                           json.dumps(spec)], env=env, capture_output=True, text=True, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -286,22 +317,36 @@ def run(models: list[str], dtypes: list[str], sizes: str = "full", steps: int = 
     if any(SIZES[sizes][m][0] > 32 for m in models) and workers >= 0:
         most = max(SIZES[sizes][m][1] for m in models)
         _folder(folder, max(2 * most, 256))
-    rows = []
+    rows, failed = [], []
     for model in models:
         image, batch = SIZES[sizes][model]
         for dtype in dtypes:
             common = {"model": model, "image": image, "batch": batch, "dtype": dtype,
                       "steps": steps, "warmup": warmup, "repeats": repeats}
-            jax_r = _spawn({"side": "resnet_jax", **common, "workers": workers,
-                            "folder": folder, "peak_tflops": peak_tflops}, xla_flags)
-            torch_r = (_spawn({"side": "torch", **common, "compile_model": compile_torch}, None)
-                       if torch_peer else None)
+            try:  # a side that fails is reported and the run goes on to the next row
+                jax_r = _spawn({"side": "resnet_jax", **common, "workers": workers,
+                                "folder": folder}, xla_flags)
+                shape = {k: common[k] for k in ("model", "image", "batch", "dtype")}
+                flops = _spawn({"side": "flops", **shape}, None)["flops_per_step"]
+            except RuntimeError as err:
+                failed.append(str(err).splitlines()[0])
+                print(err, file=sys.stderr, flush=True)
+                continue
+            peak = peak_flops(jax_r["device_kind"], dtype, peak_tflops)
+            mfu = flops * jax_r["img_s"] / batch / peak if flops and peak else None
+            torch_r = None
+            if torch_peer:
+                try:
+                    torch_r = _spawn({"side": "torch", **common, "compile_model": compile_torch},
+                                     None)
+                except RuntimeError as err:
+                    failed.append(str(err).splitlines()[0])
+                    print(err, file=sys.stderr, flush=True)
             row = {**{k: common[k] for k in ("model", "image", "batch", "dtype")},
                    "jax_img_s": round(jax_r["img_s"], 2),
                    "jax_first_step_s": round(jax_r["first_step_s"], 2),
-                   "gflops_per_image": (round(jax_r["flops_per_step"] / batch / 1e9, 3)
-                                        if jax_r["flops_per_step"] else None),
-                   "mfu": round(jax_r["mfu"], 4) if jax_r["mfu"] is not None else None,
+                   "gflops_per_image": round(flops / batch / 1e9, 3) if flops else None,
+                   "mfu": round(mfu, 4) if mfu is not None else None,
                    "fed_img_s": (round(jax_r["fed_img_s"], 2)
                                  if jax_r["fed_img_s"] is not None else None),
                    "input_bound": (jax_r["fed_img_s"] < INPUT_BOUND * jax_r["img_s"]
@@ -311,24 +356,33 @@ def run(models: list[str], dtypes: list[str], sizes: str = "full", steps: int = 
                 row.update({"torch_img_s": round(torch_r["img_s"], 2),
                             "torch_first_step_s": round(torch_r["first_step_s"], 2),
                             "ratio": round(jax_r["img_s"] / torch_r["img_s"], 3),
-                            "torch_mfu": (round(jax_r["mfu"] * torch_r["img_s"]
-                                                / jax_r["img_s"], 4)
-                                          if jax_r["mfu"] is not None else None)})
+                            "torch_mfu": (round(mfu * torch_r["img_s"] / jax_r["img_s"], 4)
+                                          if mfu is not None else None)})
             rows.append(row)
             print(_line(row), file=sys.stderr, flush=True)
-    meta = {"date": time.strftime("%Y-%m-%d"), "jax": jax_r["jax"],
-            "xla_flags": jax_r["xla_flags"], "sizes": sizes, "steps": steps,
-            "repeats": repeats, "workers": workers, "cpu": _cpu_name(),
-            "torch": torch_r["torch"] if torch_peer and torch_r else None,
-            "torch_compiled": compile_torch if torch_peer else None}
-    name = f"accelerator_{rows[0]['platform']}" + ("_tiny" if sizes == "tiny" else "")
-    os.makedirs(results_dir, exist_ok=True)
-    with open(os.path.join(results_dir, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    with open(os.path.join(results_dir, name + ".md"), "w") as f:
-        f.write(markdown(rows, meta))
-    print(f"wrote {os.path.join(results_dir, name)}.json and .md", file=sys.stderr)
+            meta = {"date": time.strftime("%Y-%m-%d"), "jax": jax_r["jax"],
+                    "xla_flags": jax_r["xla_flags"], "sizes": sizes, "steps": steps,
+                    "repeats": repeats, "workers": workers, "cpu": _cpu_name(),
+                    "torch": torch_r["torch"] if torch_r else None,
+                    "torch_compiled": compile_torch if torch_peer else None}
+            meta["failed"] = failed
+            path = _write(rows, meta, results_dir)  # after every row: a stopped run keeps them
+    if rows:
+        print(f"wrote {path}.json and .md", file=sys.stderr)
+    if failed:
+        raise RuntimeError("failed: " + "; ".join(failed))
     return rows
+
+
+def _write(rows: list[dict], meta: dict, results_dir: str) -> str:
+    name = f"accelerator_{rows[0]['platform']}" + ("_tiny" if meta["sizes"] == "tiny" else "")
+    path = os.path.join(results_dir, name)
+    os.makedirs(results_dir, exist_ok=True)
+    with open(path + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    with open(path + ".md", "w") as f:
+        f.write(markdown(rows, meta))
+    return path
 
 
 def _line(r: dict) -> str:
@@ -378,8 +432,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['jax_first_step_s']} / {_cell(r.get('torch_first_step_s'))} | "
             f"{_cell(r['fed_img_s'], '{:.1f}')} | "
             f"{_cell(r['input_bound'], '{}').replace('True', 'yes').replace('False', 'no')} |")
-    lines += ["", "MFU: the step's FLOPs (XLA's cost analysis of the resnet_jax step; the same "
-              "model's for PyTorch) times steps/s over the device's dense peak; '-' where the "
+    lines += ["", "MFU: the step's FLOPs (XLA's cost analysis of the resnet_jax step lowered for "
+              "the CPU; the same count for PyTorch) times steps/s over the device's dense peak; '-' where the "
               "peak is not known (CPUs). Ratio: resnet_jax / PyTorch images/s.", ""]
     return "\n".join(lines)
 

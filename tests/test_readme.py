@@ -296,11 +296,21 @@ def _pins(path: str) -> list[str]:
     return [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
 
 
+def _python_312() -> str:
+    """A Python 3.12+ interpreter, found as experiments/setup.sh finds one for jax 0.12."""
+    out = subprocess.run(["bash", "-c", "source <(sed -n '/^if \\[ -z \"${PYTHON:-}\" \\]/,/^fi$/p'"
+                          " experiments/setup.sh) && echo $PYTHON"],
+                         cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, ACCELERATOR="newest"))
+    return out.stdout.strip()
+
+
 def test_accelerator_installs(tmp_path):
     """The README's GPU and TPU set-ups: each names a requirements file holding the shared
     requirements and jax with the accelerator's extra, at the version CI tests the code on
     (requirements-newest.txt), and nothing of requirements.txt's CPU pins; and each resolves
-    on the package index for Python 3.12 (`pip install --dry-run`, wheels only)."""
+    on the package index for the Python 3.12+ that setup.sh would take (`pip install
+    --dry-run`: the resolver's answer, nothing installed)."""
     newest = _pins(os.path.join(ROOT, "requirements-newest.txt"))
     assert newest[0] == "-r requirements-core.txt" and newest[1].startswith("jax==")
     version = newest[1].split("==")[1]
@@ -309,17 +319,26 @@ def test_accelerator_installs(tmp_path):
     commands = [c for c in readme_commands() if c.startswith("ACCELERATOR=")]
     assert sorted(c.split()[0] for c in commands) == [
         "ACCELERATOR=cuda12", "ACCELERATOR=cuda13", "ACCELERATOR=tpu"]
+    python = _python_312()
+    version_of = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2] >= (3, 12))"],
+                                capture_output=True, text=True)
+    assert version_of.stdout.strip() == "True", f"setup.sh found no Python 3.12+: {python!r}"
     for cmd in commands:
         name = cmd.split()[0].split("=")[1]
         assert cmd.split(" ", 1)[1] == "bash experiments/setup.sh"
         path = os.path.join(ROOT, f"requirements-{name}.txt")
         assert _pins(path) == ["-r requirements-core.txt", f"jax[{name}]=={version}"]
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--no-cache-dir",
-             "--ignore-installed", "--only-binary=:all:", "--python-version", "3.12",
-             "--target", str(tmp_path / name), "-r", path],
+            [python, "-m", "pip", "install", "--dry-run", "--quiet", "--no-cache-dir",
+             "--ignore-installed", "--report", str(tmp_path / f"{name}.json"), "-r", path],
             cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, (name, result.stderr[-3000:])
+        chosen = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                  for i in json.load(open(tmp_path / f"{name}.json"))["install"]}
+        assert chosen["jax"] == version and chosen["jaxlib"] == version, chosen
+        plugin = {"cuda12": "jax-cuda12-plugin", "cuda13": "jax-cuda13-plugin",
+                  "tpu": "libtpu"}[name]
+        assert plugin in chosen, (name, sorted(chosen))
 
 
 @pytest.mark.torch
