@@ -1,12 +1,16 @@
 """A/B of one suite model's train step with Flax's layer and with the CPU fast path's
 replacement for it (`--op batch_norm`: nn.BatchNorm vs ops.batch_norm.BatchNorm; `--op
 max_pool`: nn.max_pool vs ops.max_pool.max_pool; `--op conv`: XLA's convolutions vs
-oneDNN's, ops.cpu_conv.xla_conv_general_dilated vs ops.cpu_conv.conv_general_dilated), the
+oneDNN's, ops.cpu_conv.xla_conv_general_dilated vs ops.cpu_conv.conv_general_dilated;
+`--op conv_dtype`: oneDNN's convolutions with float32 operands vs bfloat16 ones), the
 rest of the CPU path on in both, both compiled in one process and timed interleaved, so that
 the machine's noise hits both alike.
 Also checks that one step from the same state gives the same loss and parameters.
 
     python -m benchmarks.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
+
+Models of the speed suite run at its input and batch; any other registry model at its own
+input and batch 128.
 
 Prints the median step time and images/s of each, and their ratio.
 """
@@ -23,7 +27,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cifar_resnet20")
-    parser.add_argument("--op", default="batch_norm", choices=("batch_norm", "max_pool", "conv"))
+    parser.add_argument("--op", default="batch_norm", choices=("batch_norm", "max_pool", "conv", "conv_dtype"))
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
 
@@ -45,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_jax.training.steps import make_train_step
 
     suite = {m: (s, b) for m, s, b in SUITE}
-    if args.model not in suite:
-        parser.error(f"--model {args.model!r}: expected one of {sorted(suite)}")
-    shape, batch = suite[args.model]
-    spec = get_spec(args.model)
+    try:
+        spec = get_spec(args.model)
+    except ValueError as err:
+        parser.error(str(err))
+    # the speed suite's input and batch; other registry models: their input, batch 128
+    shape, batch = suite.get(args.model, (spec.input_shape, 128))
     c = base_config()
     c.model, c.schedule, c.momentum = args.model, "constant", 0.9
     rng = np.random.default_rng(0)
@@ -60,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                 "conv": (("xla conv", functools.partial(
                              nn.Conv, conv_general_dilated=cpu_conv.xla_conv_general_dilated)),
                          ("oneDNN conv", functools.partial(
-                             nn.Conv, conv_general_dilated=cpu_conv.conv_general_dilated)))}
-    field = {"batch_norm": "norm", "max_pool": "pool"}.get(args.op, args.op)
+                             nn.Conv, conv_general_dilated=cpu_conv.conv_general_dilated))),
+                "conv_dtype": tuple(
+                    (f"{dtype} conv", functools.partial(nn.Conv, conv_general_dilated=(
+                        functools.partial(cpu_conv.conv_general_dilated, operands=dtype))))
+                    for dtype in ("float32", "bfloat16"))}
+    field = {"batch_norm": "norm", "max_pool": "pool", "conv_dtype": "conv"}.get(args.op, args.op)
     steps, states = {}, {}
     for name, layer in variants[args.op]:
         model = experiment.build_model(c, spec.num_classes)

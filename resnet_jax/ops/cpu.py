@@ -22,6 +22,7 @@ for entry points to call first thing (before JAX starts), never done at import.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -48,13 +49,28 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def layers() -> dict[str, Any]:
+CONV_DTYPES = dnnl_conv.OPERAND_DTYPES
+
+
+def layers(conv_dtype: str = "float32") -> dict[str, Any]:
     """`{"conv", "norm", "pool"}` constructors for `get_model(name, **layers())` on the CPU
-    backend; {} elsewhere. Loads the oneDNN library here, not while a step is traced."""
+    backend; {} elsewhere. Loads the oneDNN library here, not while a step is traced.
+
+    `conv_dtype="bfloat16"`: oneDNN's convolutions multiply bfloat16 operands (rounded from
+    the float32 activations, kernels and gradients) and accumulate in float32; everything
+    else stays float32. About 1.8x faster convolutions where the CPU has AVX512-BF16 or AMX;
+    without them (or without the oneDNN library) it warns and keeps float32."""
+    if conv_dtype not in CONV_DTYPES:
+        raise ValueError(f"conv_dtype={conv_dtype!r}; allowed: {CONV_DTYPES}")
     if not on_cpu():
         return {}
+    if conv_dtype == "bfloat16" and not (dnnl_conv.available() and dnnl_conv.bf16_native()):
+        warnings.warn("conv_dtype='bfloat16' needs oneDNN's library and a CPU with "
+                      "AVX512-BF16 or AMX; keeping float32 convolutions", stacklevel=2)
+        conv_dtype = "float32"
     dnnl_conv.available()
-    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated),
+    conv = functools.partial(conv_general_dilated, operands=conv_dtype)
+    return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv),
             "norm": BatchNorm, "pool": max_pool}
 
 

@@ -49,10 +49,15 @@ def _ones(v) -> bool:
     return v is None or all(int(d) == 1 for d in v)
 
 
-def conv_general_dilated(*args, **kwargs) -> jax.Array:
+def conv_general_dilated(*args, operands: str = "float32", **kwargs) -> jax.Array:
     """`lax.conv_general_dilated` (same signature) through oneDNN (`ops.dnnl_conv`) where its
-    library is available and it pays (`_onednn_pays`), else as `xla_conv_general_dilated`."""
-    return _conv_general_dilated(*args, **kwargs, native=True)
+    library is available and it pays (`_onednn_pays`), else as `xla_conv_general_dilated`.
+
+    `operands="bfloat16"` (bind it with functools.partial) hands oneDNN bfloat16 operands
+    with float32 accumulation and results, and sends it every float32 convolution whose maps
+    are not smaller than the kernel: at bfloat16 it is faster than XLA's float32 at 4x4 and
+    7x7 maps too (docs/cpu_speed_log.md section 16)."""
+    return _conv_general_dilated(*args, **kwargs, native=True, operands=operands)
 
 
 def xla_conv_general_dilated(*args, **kwargs) -> jax.Array:
@@ -75,6 +80,7 @@ def _conv_general_dilated(
     preferred_element_type=None,
     *,
     native: bool,
+    operands: str = "float32",
 ) -> jax.Array:
     supported = (
         lhs.ndim == 4
@@ -97,7 +103,7 @@ def _conv_general_dilated(
         return _conv_general_dilated(
             lhs.astype(jnp.float32), rhs.astype(jnp.float32), window_strides, padding,
             lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
-            batch_group_count, precision, native=native).astype(out_dtype)
+            batch_group_count, precision, native=native, operands=operands).astype(out_dtype)
     if isinstance(padding, str):
         pads = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     else:
@@ -107,21 +113,22 @@ def _conv_general_dilated(
     if feature_group_count == 1 and _smaller_than_kernel(lhs.shape, rhs.shape, strides, pads):
         return im2col_conv(lhs, rhs, strides, pads, precision)
     groups = int(feature_group_count)
-    if native and _onednn_pays(lhs.shape, rhs.shape, strides, pads) and dnnl_conv.supports(
-            lhs, rhs, pads, groups):
-        return dnnl_conv.conv(lhs, rhs, strides, pads, groups)
+    if native and _onednn_pays(lhs.shape, rhs.shape, strides, pads, operands) and (
+            dnnl_conv.supports(lhs, rhs, pads, groups)):
+        return dnnl_conv.conv(lhs, rhs, strides, pads, groups, operands)
     return _conv(lhs, rhs, strides, pads, int(feature_group_count), precision)
 
 
-def _onednn_pays(x_shape, w_shape, strides, pads) -> bool:
+def _onednn_pays(x_shape, w_shape, strides, pads, operands: str = "float32") -> bool:
     """Whether oneDNN runs this convolution faster than XLA in a train step: output maps of
-    at least 8x8, and not a strided 1x1 convolution (XLA's is a strided slice and a matmul).
+    at least 8x8 (any size with bfloat16 operands), and not a strided 1x1 convolution (XLA's
+    is a strided slice and a matmul).
     Measured in-step (`python -m benchmarks.ab_step --op conv`, cpu_speed_log.md section
     14): with oneDNN on every convolution the ResNet-50 on 28x28 images (maps of 7x7 and
     less, 64-2048 channels) ran at 0.91x, with this rule at 1.01x; the CIFAR ResNets (maps
     of 32x32 to 8x8) at 1.43-1.45x either way."""
     out = [(x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2)]
-    if min(out) < 8:
+    if min(out) < 8 and operands == "float32":
         return False
     return w_shape[0] * w_shape[1] != 1 or tuple(strides) == (1, 1)
 

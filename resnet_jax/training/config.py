@@ -66,6 +66,11 @@ SCHEMA: dict[str, dict[str, Field]] = {
                         FREEZE_CHOICES),
         "cpu_kernels": Field(True, "on the CPU backend: resnet_jax.ops.cpu's layers, XLA "
                                    "options and malloc setting (ignored on GPU/TPU)"),
+        "cpu_conv_dtype": Field("float32", "with cpu_kernels on the CPU backend: the type "
+                                           "oneDNN's convolutions multiply in; bfloat16 rounds "
+                                           "their operands and accumulates in float32 (CPUs "
+                                           "with AVX512-BF16 or AMX; float32 with a warning "
+                                           "elsewhere)", ("float32", "bfloat16")),
     },
     "data": {
         "dataset": Field("fashion_mnist", "dataset name", tuple(DATASETS)),

@@ -77,7 +77,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     if cpu_kernels(config):
         from resnet_jax.ops import cpu
 
-        layers = cpu.layers()
+        layers = cpu.layers(config.cpu_conv_dtype)
         # Not with statistics synchronised over devices: there, ops.batch_norm on 2x2 devices
         # over processes disagreed with one device by 1e-3 relative in the stem BN's bias
         # after one step (nn.BatchNorm's agree to 1e-5); docs/cpu_speed_log.md sections 11, 15.

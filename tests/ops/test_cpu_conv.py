@@ -171,7 +171,10 @@ def test_the_layers_and_options_are_a_drop_in_set_on_the_cpu_only(monkeypatch):
     layers = cpu.layers()
     assert set(layers) == {"conv", "norm", "pool"}
     assert layers["conv"].func is nn.Conv
-    assert layers["conv"].keywords == {"conv_general_dilated": cpu_conv.conv_general_dilated}
+    conv = layers["conv"].keywords["conv_general_dilated"]
+    assert conv.func is cpu_conv.conv_general_dilated and conv.keywords == {"operands": "float32"}
+    with pytest.raises(ValueError, match="conv_dtype='float16'; allowed"):
+        cpu.layers("float16")
     assert layers["norm"] is BatchNorm and layers["pool"] is max_pool
     train, evaluate = cpu.jit_options("train"), cpu.jit_options("eval")
     assert "REDUCE" in train["xla_cpu_experimental_ynn_fusion_type"]
@@ -184,14 +187,25 @@ def test_the_layers_and_options_are_a_drop_in_set_on_the_cpu_only(monkeypatch):
 
 def test_the_engine_takes_them_under_its_switch(monkeypatch):
     from resnet_jax.training import experiment
-    from resnet_jax.training.config import base_config
+    from resnet_jax.training.config import base_config, validate_config
 
     c = base_config()
     c.model = "fashion_mnist_resnet8"
-    assert experiment.build_model(c, 10).conv.keywords["conv_general_dilated"] \
-        is cpu_conv.conv_general_dilated
+
+    def conv_operands(c):
+        conv = experiment.build_model(c, 10).conv.keywords["conv_general_dilated"]
+        assert conv.func is cpu_conv.conv_general_dilated
+        return conv.keywords["operands"]
+
+    assert conv_operands(c) == "float32"
     assert experiment.jit_options(c) is cpu.jit_options
-    c.cpu_kernels = False
+    from resnet_jax.ops import dnnl_conv
+
+    monkeypatch.setattr(dnnl_conv, "bf16_native", lambda: True)
+    c.cpu_conv_dtype = "bfloat16"
+    assert conv_operands(c) == "bfloat16"
+    validate_config(c)
+    c.cpu_kernels = False  # the setting of the CPU kernels goes with them
     assert experiment.build_model(c, 10).conv is nn_conv() and experiment.jit_options(c) is None
     c.cpu_kernels = True
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -249,3 +263,16 @@ def test_eval_steps_keep_convolutions_out_of_ynnpack_fusions():
 
     assert _convs_inside_ynn_fusions(hlo(cpu.jit_options("train"))) > 0
     assert _convs_inside_ynn_fusions(hlo(cpu.jit_options("eval"))) == 0
+
+
+def test_bfloat16_convolutions_fall_back_to_float32_without_the_instructions(monkeypatch):
+    from resnet_jax.ops import dnnl_conv
+
+    def operands(layers):
+        return layers["conv"].keywords["conv_general_dilated"].keywords["operands"]
+
+    monkeypatch.setattr(dnnl_conv, "bf16_native", lambda: False)
+    with pytest.warns(UserWarning, match="keeping float32 convolutions"):
+        assert operands(cpu.layers("bfloat16")) == "float32"
+    monkeypatch.setattr(dnnl_conv, "bf16_native", lambda: True)
+    assert operands(cpu.layers("bfloat16")) == "bfloat16"

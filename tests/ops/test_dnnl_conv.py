@@ -129,3 +129,63 @@ def test_the_cpu_path_takes_onednn_where_it_pays(x_shape, w_shape, strides, oned
     hlo = _targets(f, jnp.ones(x_shape), jnp.ones(w_shape))
     assert (dnnl_conv.TARGETS["forward"] in hlo) == onednn
     assert ("convolution" in hlo) == (not onednn)
+
+
+def _round_bf16(a):
+    return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("shape,kernel,strides,pads,groups", [
+    ((4, 7, 7, 32), (3, 3), (1, 1), ((1, 1), (1, 1)), 1),
+    ((2, 9, 9, 16), (3, 3), (2, 2), ((1, 1), (1, 1)), 2),
+])
+def test_bfloat16_operands_are_exact_products_accumulated_in_float32(
+        shape, kernel, strides, pads, groups):
+    # Products of two bfloat16 numbers are exact in float32, so the convolution of the
+    # rounded operands in float32 is the reference up to the order of the sums.
+    if not dnnl_conv.bf16_native():
+        pytest.skip("no AVX512-BF16/AMX here: layers('bfloat16') falls back to float32 "
+                    "(test_cpu_conv.py::test_bfloat16_convolutions_fall_back_...)")
+    kx, kw, kp = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, shape)
+    w = jax.random.normal(kw, (*kernel, shape[3] // groups, 8))
+    dy = jax.random.normal(kp, dnnl_conv._out_shape(shape, w.shape, strides, pads))
+
+    def ref(x, w):
+        return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=DN,
+                                        feature_group_count=groups, precision="highest")
+
+    y_ref, vjp_ref = jax.vjp(ref, _round_bf16(x), _round_bf16(w))
+    dx_ref, dw_ref = vjp_ref(_round_bf16(dy))
+    f = jax.jit(lambda x, w: dnnl_conv.conv(x, w, strides, pads, groups, "bfloat16"))
+    y, vjp = jax.vjp(f, x, w)
+    dx, dw = vjp(dy)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    for want, got in ((y_ref, y), (dx_ref, dx), (dw_ref, dw)):
+        assert rel_err(want, got) <= 1e-5
+    # and they differ from the float32 convolution by bfloat16's rounding, not more
+    assert 1e-4 < rel_err(ref(x, w), y) < 2e-2
+
+
+def test_operands_of_two_types_are_refused():
+    x, w = jnp.ones((1, 8, 8, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16)
+    with pytest.raises(Exception, match="both float32 or both bfloat16"):
+        jax.block_until_ready(dnnl_conv._call("forward", (1, 8, 8, 2), x, w, (1, 1),
+                                              ((1, 1), (1, 1)), 1))
+    with pytest.raises(ValueError, match="operands='float16'; allowed"):
+        dnnl_conv.conv(x, w.astype(jnp.float32), (1, 1), ((1, 1), (1, 1)), 1, "float16")
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,onednn", [
+    ((2, 7, 7, 4), (3, 3, 4, 4), (1, 1), True),     # 7x7 output: oneDNN's at bfloat16
+    ((2, 4, 4, 4), (3, 3, 4, 4), (1, 1), True),     # 4x4
+    ((2, 16, 16, 4), (1, 1, 4, 8), (2, 2), False),  # strided 1x1: XLA's
+])
+def test_with_bfloat16_operands_onednn_takes_small_maps_too(x_shape, w_shape, strides, onednn):
+    def f(x, w):
+        return cpu_conv.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=DN,
+                                             operands="bfloat16")
+
+    hlo = _targets(f, jnp.ones(x_shape), jnp.ones(w_shape))
+    assert (dnnl_conv.TARGETS["forward"] in hlo) == onednn
+    assert ("bf16" in hlo) == onednn

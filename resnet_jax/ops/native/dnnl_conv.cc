@@ -1,5 +1,7 @@
-// 2-D convolutions (NHWC activations, HWIO kernels, float32) for XLA:CPU through oneDNN,
-// exposed as XLA FFI handlers: forward, input gradient and weight gradient.
+// 2-D convolutions (NHWC activations, HWIO kernels) for XLA:CPU through oneDNN, exposed as
+// XLA FFI handlers: forward, input gradient and weight gradient. The two operands are both
+// float32 or both bfloat16; the result is always float32 (oneDNN accumulates in float32), so
+// bfloat16 operands give mixed-precision convolutions on CPUs with bfloat16 dot products.
 //
 // XLA hands the buffers in row-major order. oneDNN reads and writes the activations in
 // place (its NHWC layout is the same memory) and gets the kernel in its own blocked layout
@@ -30,33 +32,33 @@ enum class Kind { kForward, kBackwardData, kBackwardWeights };
 // Shapes and window of one convolution; x is (n, h, w, c), the kernel (kh, kw, c/g, o).
 struct Geometry {
   int64_t n, h, w, c, oh, ow, o, kh, kw, g, sh, sw, pt, pb, pl, pr;
+  memory::data_type in = memory::data_type::f32;  // the operands' type (f32 or bf16)
 
   std::string Key(Kind kind) const {
     std::ostringstream s;
-    s << static_cast<int>(kind);
+    s << static_cast<int>(kind) << ',' << static_cast<int>(in);
     for (int64_t v : {n, h, w, c, oh, ow, o, kh, kw, g, sh, sw, pt, pb, pl, pr}) s << ',' << v;
     return s.str();
   }
-  memory::desc Src() const {
-    return memory::desc({n, c, h, w}, memory::data_type::f32, memory::format_tag::nhwc);
+  memory::desc Src(memory::data_type t) const {
+    return memory::desc({n, c, h, w}, t, memory::format_tag::nhwc);
   }
-  memory::desc Dst() const {
-    return memory::desc({n, o, oh, ow}, memory::data_type::f32, memory::format_tag::nhwc);
+  memory::desc Dst(memory::data_type t) const {
+    return memory::desc({n, o, oh, ow}, t, memory::format_tag::nhwc);
   }
   // The HWIO kernel as oneDNN sees it: (o, i, kh, kw), or (g, o/g, i, kh, kw) with groups.
-  memory::desc UserWeights() const {
+  memory::desc UserWeights(memory::data_type t) const {
     const int64_t i = c / g;
     if (g == 1) {
-      return memory::desc({o, i, kh, kw}, memory::data_type::f32,
-                          memory::dims{1, o, kw * i * o, i * o});
+      return memory::desc({o, i, kh, kw}, t, memory::dims{1, o, kw * i * o, i * o});
     }
-    return memory::desc({g, o / g, i, kh, kw}, memory::data_type::f32,
+    return memory::desc({g, o / g, i, kh, kw}, t,
                         memory::dims{o / g, 1, o, kw * i * o, i * o});
   }
-  memory::desc AnyWeights() const {
+  memory::desc AnyWeights(memory::data_type t) const {
     const memory::dims d = g == 1 ? memory::dims{o, c, kh, kw}
                                   : memory::dims{g, o / g, c / g, kh, kw};
-    return memory::desc(d, memory::data_type::f32, memory::format_tag::any);
+    return memory::desc(d, t, memory::format_tag::any);
   }
 };
 
@@ -113,9 +115,11 @@ Entry& Lookup(const Geometry& g, Kind kind) {
   auto& eng = Engine();
   const memory::dims strides{g.sh, g.sw}, pad_l{g.pt, g.pl}, pad_r{g.pb, g.pr};
   const dnnl::primitive_attr attr = UserScratchpad();
+  // Operands in g.in (x, the kernel, dy), results in float32 (y, dx, the kernel's gradient).
+  const auto in = g.in, f32 = memory::data_type::f32;
   auto fwd_pd = dnnl::convolution_forward::primitive_desc(
-      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(),
-      g.AnyWeights(), memory::desc(), g.Dst(), strides, pad_l, pad_r, attr);
+      eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, g.Src(in),
+      g.AnyWeights(in), memory::desc(), g.Dst(f32), strides, pad_l, pad_r, attr);
   auto e = std::make_unique<Entry>();
   if (kind == Kind::kForward) {
     e->prim = dnnl::convolution_forward(fwd_pd);
@@ -123,20 +127,20 @@ Entry& Lookup(const Geometry& g, Kind kind) {
     e->scratch = fwd_pd.scratchpad_desc();
   } else if (kind == Kind::kBackwardData) {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), g.Dst(), strides,
-        pad_l, pad_r, fwd_pd, attr);
+        eng, dnnl::algorithm::convolution_direct, g.Src(f32), g.AnyWeights(in), g.Dst(in),
+        strides, pad_l, pad_r, fwd_pd, attr);
     e->prim = dnnl::convolution_backward_data(pd);
     e->weights = pd.weights_desc();
     e->scratch = pd.scratchpad_desc();
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, dnnl::algorithm::convolution_direct, g.Src(), g.AnyWeights(), memory::desc(),
-        g.Dst(), strides, pad_l, pad_r, fwd_pd, attr);
+        eng, dnnl::algorithm::convolution_direct, g.Src(in), g.AnyWeights(f32), memory::desc(),
+        g.Dst(in), strides, pad_l, pad_r, fwd_pd, attr);
     e->prim = dnnl::convolution_backward_weights(pd);
     e->weights = pd.diff_weights_desc();
     e->scratch = pd.scratchpad_desc();
   }
-  const memory::desc user = g.UserWeights();
+  const memory::desc user = g.UserWeights(kind == Kind::kBackwardWeights ? f32 : in);
   e->reorder = e->weights != user;
   if (e->reorder) {
     e->blocked = std::make_unique<memory>(e->weights, eng);
@@ -169,6 +173,14 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> k,
                "dnnl_conv: operand shapes do not agree");
 }
 
+ffi::Error OperandType(ffi::DataType a, ffi::DataType b, memory::data_type* t) {
+  if (a != b || (a != ffi::DataType::F32 && a != ffi::DataType::BF16)) {
+    return Check(false, "dnnl_conv: the operands must be both float32 or both bfloat16");
+  }
+  *t = a == ffi::DataType::F32 ? memory::data_type::f32 : memory::data_type::bf16;
+  return ffi::Error::Success();
+}
+
 template <typename F>
 ffi::Error Guarded(F&& f) {
   try {
@@ -189,12 +201,13 @@ dnnl::stream& Stream() {
 
 // Runs one primitive. Forward: a = x, b = kernel, out = y. Backward data: a = dy,
 // b = kernel, out = dx. Backward weights: a = x, b = dy, out = dkernel.
-void Execute(Kind kind, const Geometry& g, float* a, float* b, float* out) {
+void Execute(Kind kind, const Geometry& g, void* a, void* b, float* out) {
   Entry& e = Lookup(g, kind);
   auto& eng = Engine();
   auto& s = Stream();
   const bool weights_out = kind == Kind::kBackwardWeights;
-  memory user(g.UserWeights(), eng, weights_out ? out : b);
+  const auto in = g.in, f32 = memory::data_type::f32;
+  memory user(g.UserWeights(weights_out ? f32 : in), eng, weights_out ? out : b);
   memory* w = &user;
   if (e.reorder) {
     w = e.blocked.get();
@@ -205,14 +218,14 @@ void Execute(Kind kind, const Geometry& g, float* a, float* b, float* out) {
   }
   std::unordered_map<int, memory> args{{DNNL_ARG_SCRATCHPAD, Scratch(e.scratch)}};
   if (kind == Kind::kForward) {
-    args.insert({{DNNL_ARG_SRC, memory(g.Src(), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
-                 {DNNL_ARG_DST, memory(g.Dst(), eng, out)}});
+    args.insert({{DNNL_ARG_SRC, memory(g.Src(in), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
+                 {DNNL_ARG_DST, memory(g.Dst(f32), eng, out)}});
   } else if (kind == Kind::kBackwardData) {
-    args.insert({{DNNL_ARG_DIFF_DST, memory(g.Dst(), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
-                 {DNNL_ARG_DIFF_SRC, memory(g.Src(), eng, out)}});
+    args.insert({{DNNL_ARG_DIFF_DST, memory(g.Dst(in), eng, a)}, {DNNL_ARG_WEIGHTS, *w},
+                 {DNNL_ARG_DIFF_SRC, memory(g.Src(f32), eng, out)}});
   } else {
-    args.insert({{DNNL_ARG_SRC, memory(g.Src(), eng, a)},
-                 {DNNL_ARG_DIFF_DST, memory(g.Dst(), eng, b)}, {DNNL_ARG_DIFF_WEIGHTS, *w}});
+    args.insert({{DNNL_ARG_SRC, memory(g.Src(in), eng, a)},
+                 {DNNL_ARG_DIFF_DST, memory(g.Dst(in), eng, b)}, {DNNL_ARG_DIFF_WEIGHTS, *w}});
   }
   e.prim.execute(s, args);
   if (e.reorder && weights_out) {
@@ -224,7 +237,7 @@ void Execute(Kind kind, const Geometry& g, float* a, float* b, float* out) {
 
 // The three handlers: x is (n, h, w, c), the kernel (kh, kw, c/groups, o), y (n, oh, ow, o).
 template <Kind kind>
-ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+ffi::Error Handler(ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::ResultBuffer<ffi::F32> out, ffi::Span<const int64_t> strides,
                    ffi::Span<const int64_t> padding, int64_t groups) {
   const auto x = kind == Kind::kBackwardData ? out->dimensions() : a.dimensions();
@@ -235,13 +248,18 @@ ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   if (auto err = MakeGeometry(x, k, y, strides, padding, groups, &g); err.failure()) {
     return err;
   }
-  return Guarded([&] { Execute(kind, g, a.typed_data(), b.typed_data(), out->typed_data()); });
+  if (auto err = OperandType(a.element_type(), b.element_type(), &g.in); err.failure()) {
+    return err;
+  }
+  return Guarded([&] {
+    Execute(kind, g, a.untyped_data(), b.untyped_data(), out->typed_data());
+  });
 }
 
 auto Binding() {
   return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<ffi::Span<const int64_t>>("strides")
       .Attr<ffi::Span<const int64_t>>("padding")
