@@ -49,9 +49,6 @@ def on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-CONV_DTYPES = dnnl_conv.OPERAND_DTYPES
-
-
 def layers(conv_dtype: str = "float32") -> dict[str, Any]:
     """`{"conv", "norm", "pool"}` constructors for `get_model(name, **layers())` on the CPU
     backend; {} elsewhere. Loads the oneDNN library here, not while a step is traced.
@@ -60,15 +57,15 @@ def layers(conv_dtype: str = "float32") -> dict[str, Any]:
     the float32 activations, kernels and gradients) and accumulate in float32; everything
     else stays float32. About 1.8x faster convolutions where the CPU has AVX512-BF16 or AMX;
     without them (or without the oneDNN library) it warns and keeps float32."""
-    if conv_dtype not in CONV_DTYPES:
-        raise ValueError(f"conv_dtype={conv_dtype!r}; allowed: {CONV_DTYPES}")
+    if conv_dtype not in dnnl_conv.OPERAND_DTYPES:
+        raise ValueError(f"conv_dtype={conv_dtype!r}; allowed: {dnnl_conv.OPERAND_DTYPES}")
     if not on_cpu():
         return {}
-    if conv_dtype == "bfloat16" and not (dnnl_conv.available() and dnnl_conv.bf16_native()):
+    library = dnnl_conv.available()
+    if conv_dtype == "bfloat16" and not (library and dnnl_conv.bf16_native()):
         warnings.warn("conv_dtype='bfloat16' needs oneDNN's library and a CPU with "
                       "AVX512-BF16 or AMX; keeping float32 convolutions", stacklevel=2)
         conv_dtype = "float32"
-    dnnl_conv.available()
     conv = functools.partial(conv_general_dilated, operands=conv_dtype)
     return {"conv": functools.partial(nn.Conv, conv_general_dilated=conv),
             "norm": BatchNorm, "pool": max_pool}

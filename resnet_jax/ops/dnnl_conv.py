@@ -151,7 +151,7 @@ def conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
     `operands="bfloat16"` rounds x, w and (in the backward pass) dy to bfloat16 before
     oneDNN multiplies them; products are accumulated and returned in float32, as the
     bfloat16 matmul units of recent x86 CPUs (AVX512-BF16, AMX) do. Where the CPU has none,
-    oneDNN emulates them, slower than float32."""
+    `ops.cpu.layers` keeps float32 (oneDNN's bfloat16 path there was not measured)."""
     return _conv_fwd(x, w, strides, pads, groups, operands)[0]
 
 
