@@ -118,6 +118,33 @@ def test_early_stopping_stops_when_keras_early_stopping_does(mode, patience, min
     assert keras_stop is not None and ours == keras_stop
 
 
+def test_either_weights_select_the_better_of_trained_and_ema_on_validation():
+    # each period counts with its better weights (trained on a tie); "auto" reads one metric
+    periods = [(0.80, 0.82), (0.85, 0.84), (0.85, 0.85), (0.83, 0.86), (0.86, 0.86)]
+    c = tiny_config(ema_decay=0.9, selection_weights="either")
+    d, picked = selection.initial(c), []
+    for step, (trained, ema) in enumerate(periods):
+        d, new_best, _ = selection.decide(c, d, {"val_accuracy": trained,
+                                                 "val_ema_accuracy": ema}, step)
+        picked.append((new_best, d.best_step, d.best_weights, d.best))
+    assert picked == [(True, 0, "ema", 0.82), (True, 1, "trained", 0.85),
+                      (False, 1, "trained", 0.85), (True, 3, "ema", 0.86),
+                      (False, 3, "ema", 0.86)]
+    again = selection.Decisions.from_dict(d.to_dict())  # as a checkpoint's meta keeps it
+    assert again == d and selection.best_weights(c, d.to_dict()) == "ema"
+    for metric, weights in (("val_accuracy", "trained"), ("val_ema_accuracy", "ema")):
+        auto = tiny_config(ema_decay=0.9, selection_metric=metric)
+        d = selection.initial(auto)
+        for step, (trained, ema) in enumerate(periods):
+            d, _, _ = selection.decide(auto, d, {"val_accuracy": trained,
+                                                 "val_ema_accuracy": ema}, step)
+        assert (d.best_step, d.best_weights) == ((4, weights) if weights == "trained"
+                                                 else (3, weights))
+    # decisions saved without best_weights: the weights selection_metric names
+    old = {k: v for k, v in d.to_dict().items() if k != "best_weights"}
+    assert selection.best_weights(auto, old) == "ema"
+
+
 # --- splits -------------------------------------------------------------------------------
 
 def test_the_held_out_validation_split_is_fixed_by_the_seed_and_disjoint_from_train():
@@ -154,6 +181,12 @@ def test_a_run_splits_real_fashion_mnist_into_train_validation_and_test(real_fas
     (dict(plateau_monitor="train_loss", schedule="plateau"), r"plateau_monitor='train_loss'"),
     (dict(validation_dataset_split="val"), r"set one of the two"),
     (dict(validation_split=0.0, validation_dataset_split="test"), r"is also the test split"),
+    (dict(selection_weights="either"), r"selection_weights='either' compares the trained and "
+                                       r"the EMA weights: set ema_decay > 0"),
+    (dict(selection_weights="either", ema_decay=0.9, selection_metric="val_ema_loss"),
+     r"name the trained weights' metric \('val_loss'\)"),
+    (dict(selection_weights="either", ema_decay=0.9, validation_split=0.0),
+     r"selection_weights='either' decide on a validation split"),
 ])
 def test_decisions_on_anything_but_validation_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -275,6 +308,29 @@ def test_ema_weights_are_evaluated_checkpointed_selected_and_predict(tmp_path,
         {"params": raw["ema"]["params"], "batch_stats": raw["ema"]["batch_stats"]}, x))
     np.testing.assert_allclose(run.predict(images), expected, rtol=1e-5, atol=1e-6)
     assert not np.allclose(trained.predict(images), run.predict(images), atol=1e-4)
+    assert run.evaluate("test", 200)["accuracy"] == pytest.approx(chosen["test_accuracy"],
+                                                                  abs=1e-6)
+
+
+def test_a_run_selecting_either_weights_hands_over_the_better_on_validation(
+        tmp_path, real_fashion_mnist):
+    workdir = str(tmp_path / "either")
+    c = tiny_config(ema_decay=0.8, selection_weights="either", num_epochs=4)
+    loop.train_and_evaluate(c, workdir)
+    history = records(workdir)
+    scored = [(r[f"val_{m}accuracy"], w == "trained", r["step"], w)
+              for r in history for w, m in (("trained", ""), ("ema", "ema_"))]
+    # the best value, then the trained weights on a tie, then the earliest step
+    best = max(scored, key=lambda t: (t[0], t[1], -t[2]))
+    with open(os.path.join(workdir, "selected.json")) as f:
+        chosen = json.load(f)
+    by = "val_accuracy" if best[3] == "trained" else "val_ema_accuracy"
+    assert (chosen["step"], chosen["weights"], chosen["by"]) == (best[2], best[3], by)
+    assert chosen[by] == best[0]
+    assert chosen["compared"] == ["val_accuracy", "val_ema_accuracy"]
+    run, at_best = Run.load(workdir), Run.load(workdir, "best")
+    assert run.ema == at_best.ema == (best[3] == "ema")
+    assert run.step == at_best.step == best[2]
     assert run.evaluate("test", 200)["accuracy"] == pytest.approx(chosen["test_accuracy"],
                                                                   abs=1e-6)
 

@@ -26,12 +26,16 @@ from experiments.configs import fashion_mnist
 def get_config():
     c = fashion_mnist.get_config()  # the main job's optimizer, schedule and label smoothing
     c.model = "fashion_mnist_wide_resnet8"
-    c.num_epochs = 44
+    c.num_epochs = 52
     c.augment = "crop_flip"
     c.random_erasing = 0.25
     c.ema_decay = 0.999
     c.validation_split = 0.1
-    c.selection_metric = "val_ema_accuracy"
+    # the EMA lags the trained weights once the one-cycle rate has annealed (val 94.90 against
+    # 94.78, 95.07 against 94.97, 95.03 against 94.98 at the end of the last three runs), so
+    # each evaluation offers both, and the better on validation is kept
+    c.selection_metric = "val_accuracy"
+    c.selection_weights = "either"
     c.eval_flip = True
     c.eval_every_epochs = 4
     c.test_every_period = True  # for the curves; reported only

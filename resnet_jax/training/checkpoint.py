@@ -286,10 +286,14 @@ class Checkpointer:
                                   + "; ".join(problems))
         return None
 
+    def restore_step(self, which: str, step: int, target: Any | None = None) -> Restored:
+        """One step's state (NumPy, shaped like `target` if given) and meta."""
+        return self._restore_step(which, step, target)
+
     def restore(self, target: Any, which: str = "latest", step: int | None = None) -> Any | None:
         """The saved state (NumPy) shaped like `target` (newest intact step by default)."""
         if step is not None:
-            return self._restore_step(which, step, target).state
+            return self.restore_step(which, step, target).state
         restored = self.restore_checked(target, which)
         return None if restored is None else restored.state
 

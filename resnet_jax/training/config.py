@@ -34,6 +34,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 DTYPES = ("float32", "bfloat16")
 BOUNDARY_UNITS = ("steps", "epochs")
 MODES = ("auto", "min", "max")
+SELECTION_WEIGHTS = ("auto", "either")
 EVAL_METRICS = ("loss", "accuracy", "top5_accuracy")
 
 
@@ -190,6 +191,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                                   "checkpoint (val_* or, for the EMA weights, "
                                                   "val_ema_*)"),
         "selection_mode": Field("auto", "'min', 'max' or 'auto' (max for accuracies)", MODES),
+        "selection_weights": Field("auto", "the weights selection compares: 'auto' (the EMA "
+                                           "weights for a val_ema_* metric, else the trained "
+                                           "ones) or 'either' (at each evaluation the trained "
+                                           "and the EMA weights, on selection_metric and its "
+                                           "val_ema_ twin; needs ema_decay > 0 and a val_* "
+                                           "metric)", SELECTION_WEIGHTS),
         "early_stopping_patience": Field(0, ">0: stop after this many periods without "
                                             "improvement of selection_metric", bounds=">= 0"),
         "early_stopping_min_delta": Field(0.0, "early stopping: the least change that counts "
@@ -310,9 +317,20 @@ def _check_validation(c: ml_collections.ConfigDict) -> None:
     needs = [f"schedule='plateau'"] if c.schedule == "plateau" else []
     if c.early_stopping_patience:
         needs.append(f"early_stopping_patience={c.early_stopping_patience}")
+    if c.selection_weights == "either":
+        needs.append("selection_weights='either'")
     if needs and not has_validation(c):
         raise ValueError(f"{' and '.join(needs)} decide on a validation split: set "
                          f"validation_split (e.g. 0.1) or validation_dataset_split")
+    if c.selection_weights == "either":
+        if not c.ema_decay:
+            raise ValueError("selection_weights='either' compares the trained and the EMA "
+                             "weights: set ema_decay > 0")
+        if c.selection_metric.startswith("val_ema_"):
+            raise ValueError(f"selection_weights='either' with selection_metric="
+                             f"{c.selection_metric!r}: name the trained weights' metric "
+                             f"({'val_' + c.selection_metric[len('val_ema_'):]!r}); its "
+                             f"val_ema_ twin is compared too")
     for name in ("selection_metric", "plateau_monitor"):
         value = c[name]
         allowed = [f"val_{m}" for m in EVAL_METRICS]

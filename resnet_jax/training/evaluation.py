@@ -10,7 +10,7 @@ import numpy as np
 
 from resnet_jax.data import pipeline
 from resnet_jax.data.sources import DatasetInfo
-from resnet_jax.training import experiment, optim
+from resnet_jax.training import experiment, optim, selection
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.metrics import summarize_eval
 from resnet_jax.training.parallel import Strategy, fetch
@@ -78,9 +78,13 @@ def selected(exp: "Experiment", state, strategy, decisions, record: dict[str, An
     summary: dict[str, Any] = {"step": record["step"], "weights": "trained", "by": "last step"}
     result = last
     if decisions is not None:
-        ema = c.selection_metric.startswith("val_ema_")
-        summary = {"step": decisions.best_step, "weights": "ema" if ema else "trained",
-                   "by": c.selection_metric, c.selection_metric: decisions.best}
+        weights = selection.best_weights(c, decisions)
+        ema = weights == "ema"
+        by = dict(selection.candidates(c))[weights]
+        summary = {"step": decisions.best_step, "weights": weights, "by": by,
+                   by: decisions.best}
+        if c.selection_weights == "either":
+            summary["compared"] = [metric for _, metric in selection.candidates(c)]
         if decisions.best_step != record["step"]:
             ckpt = Checkpointer(where)
             try:

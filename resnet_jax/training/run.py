@@ -15,7 +15,7 @@ import numpy as np
 
 from resnet_jax.data.sources import DatasetInfo, Source, load_source
 from resnet_jax.data.transforms import center_crop, normalize, to_rgb
-from resnet_jax.training import experiment, metrics
+from resnet_jax.training import experiment, metrics, selection
 from resnet_jax.training.checkpoint import Checkpointer, read_selected, selected_checkpoint
 from resnet_jax.training.config import run_config
 from resnet_jax.training.evaluation import evaluate
@@ -69,20 +69,21 @@ class Run:
         step = None
         if which == "selected":
             which, step = selected_checkpoint(workdir)
-        if ema is None:
-            ema = which == "best" and config.selection_metric.startswith("val_ema_")
-            ema = ema or (chosen.get("weights") == "ema" and step is not None)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
         try:
-            if step is not None:
-                state, found = ckpt.restore(None, which, step), step
-            else:
-                restored = ckpt.restore_checked(None, which)
-                state, found = (restored.state, restored.step) if restored else (None, None)
+            restored = (ckpt.restore_step(which, step) if step is not None
+                        else ckpt.restore_checked(None, which))
         finally:
             ckpt.close()
-        if state is None:
+        if restored is None:
             raise FileNotFoundError(f"no {which} checkpoint under {workdir}/checkpoints")
+        state, found = restored.state, restored.step
+        if ema is None:  # as selected.json says, else as the best checkpoint was decided
+            if chosen and step is not None:
+                ema = chosen.get("weights") == "ema"
+            else:
+                ema = which == "best" and selection.best_weights(
+                    config, restored.meta.get("decisions")) == "ema"
         if ema and not state.get("ema"):
             raise ValueError(f"ema=True but run {workdir!r} kept no EMA weights (ema_decay=0)")
         source = state["ema"] if ema else state

@@ -72,6 +72,7 @@ class Decisions:
     stale: int = 0  # periods since selection_metric last improved by early_stopping_min_delta
     stop_best: float = math.nan  # early stopping's own best (min_delta may differ)
     plateau: Plateau | None = None
+    best_weights: str = ""  # "trained" or "ema": the weights of the best; "" before one
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,14 +94,39 @@ def initial(c: ml_collections.ConfigDict) -> Decisions | None:
     return Decisions(best=_start(mode), stop_best=_start(mode), plateau=plateau)
 
 
+def candidates(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+    """(weights, metric) pairs selection compares at each evaluation: the trained or the EMA
+    weights on selection_metric, or with selection_weights='either' both, trained first."""
+    if c.selection_weights == "either":
+        return [("trained", c.selection_metric),
+                ("ema", "val_ema_" + c.selection_metric[len("val_"):])]
+    return [("ema" if c.selection_metric.startswith("val_ema_") else "trained",
+             c.selection_metric)]
+
+
+def best_weights(c: ml_collections.ConfigDict, d: Decisions | dict | None) -> str:
+    """"trained" or "ema": the weights of the best checkpoint decided in `d`."""
+    if isinstance(d, dict):
+        d = Decisions.from_dict(d)
+    if d is not None and d.best_weights:
+        return d.best_weights
+    return candidates(c)[0][0]  # decisions saved before best_weights was recorded
+
+
 def decide(c: ml_collections.ConfigDict, d: Decisions, record: dict[str, Any], step: int
            ) -> tuple[Decisions, bool, bool]:
     """(decisions after the period's `record`, whether it is the new best, whether to stop
-    early). Reads only the record's val_* metrics."""
+    early). Reads only the record's val_* metrics. With two candidate weights the period
+    counts with the better of the two (the trained weights on a tie)."""
     mode = metric_mode(c.selection_metric, c.selection_mode)
-    value = float(record[c.selection_metric])
+    weights, value = None, None
+    for name, metric in candidates(c):
+        v = float(record[metric])
+        if value is None or improves(v, value, mode, 0.0):
+            weights, value = name, v
     new_best = improves(value, d.best, mode, 0.0)
     best, best_step = (value, step) if new_best else (d.best, d.best_step)
+    chosen = weights if new_best else d.best_weights
     stale, stop_best = d.stale + 1, d.stop_best
     if improves(value, stop_best, mode, c.early_stopping_min_delta):
         stale, stop_best = 0, value
@@ -112,4 +138,4 @@ def decide(c: ml_collections.ConfigDict, d: Decisions, record: dict[str, Any], s
             c.plateau_min_delta, c.plateau_patience, c.plateau_factor, c.plateau_cooldown,
             c.plateau_min_lr, c.learning_rate)
     stop = bool(c.early_stopping_patience) and stale >= c.early_stopping_patience
-    return Decisions(best, best_step, stale, stop_best, plateau), new_best, stop
+    return Decisions(best, best_step, stale, stop_best, plateau, chosen), new_best, stop
