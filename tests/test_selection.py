@@ -131,7 +131,7 @@ def test_either_weights_select_the_better_of_trained_and_ema_on_validation():
                       (False, 1, "trained", 0.85), (True, 3, "ema", 0.86),
                       (False, 3, "ema", 0.86)]
     again = selection.Decisions.from_dict(d.to_dict())  # as a checkpoint's meta keeps it
-    assert again == d and selection.best_weights(c, d.to_dict()) == "ema"
+    assert again == d and selection.best_weights(c, again) == "ema"
     for metric, weights in (("val_accuracy", "trained"), ("val_ema_accuracy", "ema")):
         auto = tiny_config(ema_decay=0.9, selection_metric=metric)
         d = selection.initial(auto)
@@ -142,7 +142,7 @@ def test_either_weights_select_the_better_of_trained_and_ema_on_validation():
                                                  else (3, weights))
     # decisions saved without best_weights: the weights selection_metric names
     old = {k: v for k, v in d.to_dict().items() if k != "best_weights"}
-    assert selection.best_weights(auto, old) == "ema"
+    assert selection.best_weights(auto, selection.Decisions.from_dict(old)) == "ema"
 
 
 # --- splits -------------------------------------------------------------------------------

@@ -55,8 +55,9 @@ def layers(conv_dtype: str = "float32") -> dict[str, Any]:
 
     `conv_dtype="bfloat16"`: oneDNN's convolutions multiply bfloat16 operands (rounded from
     the float32 activations, kernels and gradients) and accumulate in float32; everything
-    else stays float32. About 1.8x faster convolutions where the CPU has AVX512-BF16 or AMX;
-    without them (or without the oneDNN library) it warns and keeps float32."""
+    else stays float32. Convolutions 1.7-2.2x faster where the CPU has AVX512-BF16 (a
+    Zen 4 EPYC, docs/cpu_speed_log.md section 16); without it or AMX (or without the oneDNN
+    library) it warns and keeps float32."""
     if conv_dtype not in dnnl_conv.OPERAND_DTYPES:
         raise ValueError(f"conv_dtype={conv_dtype!r}; allowed: {dnnl_conv.OPERAND_DTYPES}")
     if not on_cpu():

@@ -81,9 +81,12 @@ class Run:
         if ema is None:  # as selected.json says, else as the best checkpoint was decided
             if chosen and step is not None:
                 ema = chosen.get("weights") == "ema"
+            elif which == "best":
+                saved = restored.meta.get("decisions")
+                ema = selection.best_weights(
+                    config, saved and selection.Decisions.from_dict(saved)) == "ema"
             else:
-                ema = which == "best" and selection.best_weights(
-                    config, restored.meta.get("decisions")) == "ema"
+                ema = False
         if ema and not state.get("ema"):
             raise ValueError(f"ema=True but run {workdir!r} kept no EMA weights (ema_decay=0)")
         source = state["ema"] if ema else state

@@ -104,10 +104,8 @@ def candidates(c: ml_collections.ConfigDict) -> list[tuple[str, str]]:
              c.selection_metric)]
 
 
-def best_weights(c: ml_collections.ConfigDict, d: Decisions | dict | None) -> str:
+def best_weights(c: ml_collections.ConfigDict, d: Decisions | None) -> str:
     """"trained" or "ema": the weights of the best checkpoint decided in `d`."""
-    if isinstance(d, dict):
-        d = Decisions.from_dict(d)
     if d is not None and d.best_weights:
         return d.best_weights
     return candidates(c)[0][0]  # decisions saved before best_weights was recorded
