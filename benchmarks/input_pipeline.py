@@ -1,29 +1,34 @@
 """The input pipeline against tf.data and against the previous pipeline, on the same JPEG
 files, side by side in one run: images/s of the ImageNet train transform (decode,
-Inception-style random-resized crop to 224, flip, normalise, batch 256) and of the eval
-transform (decode, central 87.5% crop resized to 224, normalise, batch 256), for 1, 2, ...
-worker processes.
+Inception-style random-resized crop to 224, flip, batch 256) and of the eval transform
+(decode, central 87.5% crop resized to 224, batch 256), for 1, 2, ... worker processes;
+with `--feeder` also the ceiling the training process sets (ready-made batches from W
+workers put on the device), with `--before DIR` another checkout's pipeline beside this one.
 
-    python -m experiments.benchmark --input-pipeline [--workers 1,2] [--images 2000]
+    python -m experiments.benchmark --input-pipeline [--feeder] [--before DIR] [--workers 1,2]
 
-Sides, each measured in a fresh process, the sides alternating within a round:
+Sides, each measured in a fresh process, their order rotating round by round:
 - resnet_jax: `pipeline.train_batches` / `eval_batches` over an image folder, W worker
-  processes (grain), each with one decoding thread.
+  processes (grain), each with one decoding thread; uint8 batches, as the training process
+  gets them (the step normalises them on the device).
 - tf.data: the same work with TensorFlow's ops (decode_and_crop_jpeg of a
   sample_distorted_bounding_box window, bilinear resize, random flip, normalise), W threads
   (`num_parallel_calls=W`, a private thread pool of W), batch 256, prefetch. TensorFlow is a
   benchmark-only dependency in its own environment (.venv-tf, `experiments/setup.sh tf`).
+- before: resnet_jax's side as the checkout DIR runs it.
 - previous: the pipeline before grain (one background thread, whole images decoded by PIL,
   then cropped), the same at every W.
 
 The data: an image folder of JPEGs cut and rescaled from real photographs
 (benchmarks/jpeg_folder.py, about 400x350, quality 90). Results:
 experiments/results/input_pipeline.json (rows {"transform", "workers", "resnet_jax_img_s",
-"tf_data_img_s", "previous_img_s"}) and .md.
+"tf_data_img_s", "previous_img_s"[, "before_img_s"]}; feeder rows {"transform": "feeder",
+"workers", "resnet_jax_img_s"}) and .md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -87,6 +92,53 @@ def measure_resnet_jax(folder: str, transform: str, workers: int, n_batches: int
         return _rate(batches, n_batches)
     finally:
         pipeline.close(batches)
+
+
+@dataclasses.dataclass
+class ReadyBatch:
+    """A worker's element of the feeder: a ready-made uint8 batch (no decoding), the same
+    bytes every time, handed over as a new batch would be (grain copies it to shared
+    memory)."""
+
+    batch: int
+
+    def __call__(self, step: int) -> dict:
+        import numpy as np
+
+        if not hasattr(self, "_image"):
+            rng = np.random.default_rng(0)
+            self._image = rng.integers(0, 256, (self.batch, SIZE, SIZE, 3), dtype=np.uint8)
+            self._label = np.zeros(self.batch, np.int32)
+        return {"image": self._image, "label": self._label}
+
+
+def measure_feeder(workers: int, n_batches: int) -> float:
+    """The ceiling the training process sets: `workers` processes hand over ready-made
+    uint8 batches through the pipeline's worker path, and the training process puts each
+    on the device (the loop's prefetch thread, `jax.device_put`) and waits for it there."""
+    import grain
+    import jax
+
+    from resnet_jax.data import pipeline
+    from resnet_jax.ops import cpu
+
+    cpu.retain_freed_memory()
+    device = jax.local_devices()[0]
+    dataset = grain.MapDataset.range(0, 10**9).map(ReadyBatch(BATCH))
+    iterator = pipeline._with_workers(dataset, workers, 0, BATCH * SIZE * SIZE * 3)
+    fed = pipeline.prefetch(iterator, lambda b: jax.device_put(b, device))
+
+    def on_device():
+        while True:
+            batch = next(fed)
+            jax.block_until_ready(batch)
+            yield batch
+
+    try:
+        return _rate(on_device(), n_batches)
+    finally:
+        fed.close()
+        pipeline.close(iterator)
 
 
 def measure_previous(folder: str, transform: str, n_batches: int) -> float:
@@ -187,6 +239,8 @@ def _worker(args: list[str]) -> None:
     workers, n_batches = int(workers), int(n_batches)
     if side == "resnet_jax":
         rate = measure_resnet_jax(folder, transform, workers, n_batches)
+    elif side == "feeder":
+        rate = measure_feeder(workers, n_batches)
     elif side == "tf_data":
         rate = measure_tf_data(folder, transform, workers, n_batches)
     else:
@@ -194,12 +248,17 @@ def _worker(args: list[str]) -> None:
     print("RESULT " + json.dumps({"img_s": rate}), flush=True)
 
 
-def _spawn(side: str, folder: str, transform: str, workers: int, n_batches: int) -> float:
+def _spawn(side: str, folder: str, transform: str, workers: int, n_batches: int,
+           before: str = "") -> float:
+    """One measurement in a fresh process; side "before": resnet_jax's side as the checkout
+    `before` (another commit) runs it."""
     python = TF_PYTHON if side == "tf_data" else sys.executable
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    out = subprocess.run([python, "-m", "benchmarks.input_pipeline", "--worker", side, folder,
+    root = before if side == "before" else ROOT
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
+    out = subprocess.run([python, "-m", "benchmarks.input_pipeline", "--worker",
+                          "resnet_jax" if side == "before" else side, folder,
                           transform, str(workers), str(n_batches)],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+                         capture_output=True, text=True, cwd=root, env=env, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])["img_s"]
@@ -207,52 +266,84 @@ def _spawn(side: str, folder: str, transform: str, workers: int, n_batches: int)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    before = f" before ({meta['before']})" if meta.get("before") else ""
     lines = [f"Input pipeline, images/s ({meta['machine']}, {meta['images']} JPEGs about "
              f"400x350 from real photographs, batch {BATCH}, {SIZE}x{SIZE}; median of "
-             f"{meta['rounds']} rounds)", "",
-             "| transform | worker processes | resnet_jax (grain) | tf.data | previous | "
-             "resnet_jax / tf.data | per worker |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{meta['rounds']} rounds). resnet_jax hands over uint8 batches (normalised on "
+             f"the device, in the step); tf.data normalises in its map.", "",
+             "| transform | worker processes | resnet_jax (grain) |"
+             + (f" resnet_jax{before} |" if before else "")
+             + " tf.data | previous | resnet_jax / tf.data | per worker |"
+             + (" per worker, before |" if before else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if before else "")]
     for r in rows:
-        lines.append(
-            f"| {r['transform']} | {r['workers']} | {r['resnet_jax_img_s']:.0f} | "
-            f"{r['tf_data_img_s']:.0f} | {r['previous_img_s']:.0f} | "
-            f"{r['resnet_jax_img_s'] / r['tf_data_img_s']:.2f} | "
-            f"{r['resnet_jax_img_s'] / r['workers']:.0f} |")
+        if r["transform"] == "feeder":
+            continue
+        line = f"| {r['transform']} | {r['workers']} | {r['resnet_jax_img_s']:.0f} |"
+        if before:
+            line += f" {r['before_img_s']:.0f} |"
+        line += (f" {r['tf_data_img_s']:.0f} | {r['previous_img_s']:.0f} | "
+                 f"{r['resnet_jax_img_s'] / r['tf_data_img_s']:.2f} | "
+                 f"{r['resnet_jax_img_s'] / r['workers']:.0f} |")
+        if before:
+            line += f" {r['before_img_s'] / r['workers']:.0f} |"
+        lines.append(line)
+    feeder = [r for r in rows if r["transform"] == "feeder"]
+    if feeder:
+        lines += ["", f"The feeder: ready-made uint8 {SIZE}x{SIZE} batches of {BATCH} from W "
+                      f"worker processes, put on the device by the training process "
+                      f"(the ceiling it sets)", "",
+                  "| worker processes | images/s | batches/s | rounds |", "|---:|---:|---:|---|"]
+        for r in feeder:
+            lines.append(f"| {r['workers']} | {r['resnet_jax_img_s']:.0f} | "
+                         f"{r['resnet_jax_img_s'] / BATCH:.1f} | "
+                         f"{', '.join(f'{x:.0f}' for x in r['rounds']['resnet_jax'])} |")
     return "\n".join(lines) + "\n"
 
 
 def run(workers: list[int], images: int, rounds: int, n_batches: int, folder: str,
-        results_dir: str = RESULTS) -> list[dict]:
-    """Measure every (transform, workers) for the three sides; write JSON and Markdown."""
+        results_dir: str = RESULTS, feeder: bool = False, transforms=("train", "eval"),
+        before: str = "") -> list[dict]:
+    """Measure every (transform, workers) for the sides, alternating their order round by
+    round, and with `feeder` the feeder's ceiling; with `before` (a checkout of another
+    commit) its resnet_jax side too; write JSON and Markdown."""
     from benchmarks.jpeg_folder import write_folder
 
-    if not os.path.exists(TF_PYTHON):
+    if transforms and not os.path.exists(TF_PYTHON):
         raise SystemExit(f"{TF_PYTHON} is missing: create it with `bash experiments/setup.sh tf`")
-    if not os.path.isdir(os.path.join(folder, "train")):
+    if transforms and not os.path.isdir(os.path.join(folder, "train")):
         print(f"writing {images} JPEGs to {folder}", file=sys.stderr)
         write_folder(folder, images)
     rows = []
-    for transform in ("train", "eval"):
+    sides = ("resnet_jax", "tf_data") + (("before",) if before else ())
+    for transform in transforms:
         previous = statistics.median(_spawn("previous", folder, transform, 0, n_batches)
                                      for _ in range(rounds))
         for w in workers:
-            ours, theirs = [], []
+            rates: dict[str, list[float]] = {side: [] for side in sides}
             for k in range(rounds):
-                order = ("resnet_jax", "tf_data") if k % 2 == 0 else ("tf_data", "resnet_jax")
-                for side in order:
-                    rate = _spawn(side, folder, transform, w, n_batches)
-                    (ours if side == "resnet_jax" else theirs).append(rate)
-            row = {"transform": transform, "workers": w,
-                   "resnet_jax_img_s": round(statistics.median(ours), 1),
-                   "tf_data_img_s": round(statistics.median(theirs), 1),
-                   "previous_img_s": round(previous, 1),
-                   "rounds": {"resnet_jax": [round(x, 1) for x in ours],
-                              "tf_data": [round(x, 1) for x in theirs]}}
+                for side in sides[k % len(sides):] + sides[:k % len(sides)]:
+                    rates[side].append(_spawn(side, folder, transform, w, n_batches, before))
+            row = {"transform": transform, "workers": w}
+            row.update({f"{side}_img_s": round(statistics.median(rates[side]), 1)
+                        for side in sides})
+            row["previous_img_s"] = round(previous, 1)
+            row["rounds"] = {side: [round(x, 1) for x in rates[side]] for side in sides}
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if feeder:
+        for w in workers:
+            got = [_spawn("feeder", folder, "feeder", w, n_batches * 4) for _ in range(rounds)]
+            row = {"transform": "feeder", "workers": w,
+                   "resnet_jax_img_s": round(statistics.median(got), 1),
+                   "rounds": {"resnet_jax": [round(x, 1) for x in got]}}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     meta = {"machine": _machine(), "images": images, "rounds": rounds,
             "batches_timed": n_batches, "date": time.strftime("%Y-%m-%d")}
+    if before:
+        meta["before"] = subprocess.run(["git", "-C", before, "rev-parse", "--short", "HEAD"],
+                                        capture_output=True, text=True).stdout.strip() or before
     os.makedirs(results_dir, exist_ok=True)
     with open(os.path.join(results_dir, "input_pipeline.json"), "w") as f:
         json.dump(rows, f, indent=2)

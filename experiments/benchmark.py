@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --against: where cpu_vs_torch.json/.md go (default results/)")
     parser.add_argument("--input-pipeline", action="store_true",
                         help="the JPEG input pipeline against tf.data and the previous one")
+    parser.add_argument("--feeder", action="store_true",
+                        help="with --input-pipeline: also the feeder's ceiling (ready-made "
+                             "uint8 batches from W workers put on the device)")
+    parser.add_argument("--feeder-only", action="store_true",
+                        help="with --input-pipeline: only the feeder (no JPEGs, no tf.data)")
+    parser.add_argument("--before", default="",
+                        help="with --input-pipeline: a checkout of another commit, whose "
+                             "pipeline is measured beside this one's")
     parser.add_argument("--workers", default="1,2",
                         help="with --input-pipeline: worker-process counts")
     parser.add_argument("--images", type=int, default=2000,
@@ -165,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--images {args.images}: at least one batch of "
                          f"{input_pipeline.BATCH} is needed")
         input_pipeline.run(workers, args.images, args.rounds, args.batches, args.folder,
-                           args.results_dir or input_pipeline.RESULTS)
+                           args.results_dir or input_pipeline.RESULTS,
+                           args.feeder or args.feeder_only,
+                           () if args.feeder_only else ("train", "eval"), args.before)
         return 0
     if args.against:
         from benchmarks import speed_suite

@@ -13,6 +13,7 @@ input (config, data, a checkpoint of another run); 3: the workdir is in use by a
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 
@@ -45,6 +46,22 @@ def unknown_overrides(argv: list[str]) -> list[str]:
     return errors
 
 
+def config_file_errors(argv: list[str]) -> list[str]:
+    """Errors for a `--config FILE` (or `--config=FILE`) that names no file."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        path = path.split(":", 1)[0]  # FILE:ARGS passes ARGS to the config's get_config
+        if not os.path.isfile(path):
+            return [f"--config {path}: no such file; expected an experiment config file "
+                    f"(.py), one of experiments/configs/: {', '.join(config_lib.config_names())}"]
+    return []
+
+
 def main(argv):
     del argv
     sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach logs as they happen
@@ -72,7 +89,7 @@ def run() -> None:
     if "--describe" in sys.argv[1:]:
         print(config_lib.describe())
         return
-    errors = unknown_overrides(sys.argv[1:])
+    errors = config_file_errors(sys.argv[1:]) + unknown_overrides(sys.argv[1:])
     if errors:
         print("error: " + "\nerror: ".join(errors), file=sys.stderr)
         sys.exit(2)

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Keras on JAX
+
+# One persistent compilation cache for the whole session: its xdist workers, the training
+# processes and notebook kernels they start (which inherit the environment) compile the same
+# steps again and again (the main job's ResNet-8 at the suite's batch sizes above all). It is
+# new for every session, so a run of the suite costs what it costs on a fresh machine; a
+# compiled program is the same whether it was compiled here or read back.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # xdist's workers inherit it
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"resnet_jax_tests_xla_{os.getpid()}"))
+# every compile is kept, the small ones too: the main job started a second time took 6.1 s
+# with them and 7.0 s with only those over 0.2 s
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# Under xdist, each worker's OpenMP threads (oneDNN's convolutions, PyTorch) get their share of
+# the cores and no more: with `-n 2` on 2 cores, two processes of 2 spinning threads each were
+# a third slower on the training tests than one thread each. Set before anything loads OpenMP;
+# the processes the tests start inherit it.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(
+        1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -15,6 +37,37 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# A test that is not marked slow fails if its setup or its body takes longer than this, so
+# the suite cannot creep back past CI's budget (pytest.ini prints the slowest tests).
+NON_SLOW_LIMIT_S = 60.0
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, the others in file order: xdist hands tests out in this order,
+    and a long one started last would leave the other worker idle at the end. (Ordering every
+    test by its recorded duration was tried: 19 min 45 s against 18 min 28 s, likely because
+    it scatters each module's tests, so the module fixtures they share are built on both.)"""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.passed and call.when in ("setup", "call") and call.duration > NON_SLOW_LIMIT_S
+            and item.get_closest_marker("slow") is None):
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: its {call.when} took {call.duration:.1f} s, over the "
+                           f"{NON_SLOW_LIMIT_S:.0f} s a test not marked slow may take; make it "
+                           "smaller or share its work (or mark it slow if a long run is its subject)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's compilation cache goes with it."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def rngs(seed: int = 0) -> dict[str, jax.Array]:

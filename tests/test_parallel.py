@@ -246,9 +246,12 @@ def test_scaling_benchmark_writes_one_record_per_device_count(tmp_path):
     import json
 
     output = tmp_path / "scaling.json"
-    cmd = [sys.executable, "-m", "experiments.benchmark", "--model", "cifar_resnet20",
+    # the smallest net: on jax 0.12 cifar_resnet20's steps took 40 s to compile here, 60 s
+    # beside another test; ResNet-8 on one channel, 20 s
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--model", "fashion_mnist_resnet8",
            "--parallel", "sharded", "--devices", "1,2", "--batch-per-device", "4", "--steps", "1",
-           "--warmup", "0", "--input-shape", "16,16,3", "--output", str(output)]
+           "--warmup", "0", "--repeats", "1", "--input-shape", "16,16,1", "--output",
+           str(output)]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True)
     results = json.load(open(output))
     assert [r["devices"] for r in results] == [1, 2]
@@ -262,3 +265,27 @@ def test_layout_agreement_names_a_bad_layout():
     assert parse_layout("2x2:pmap") == (2, 2, "pmap")
     with pytest.raises(Exception, match="'2x2:dp'.*single, pmap, sharded"):
         parse_layout("2x2:dp")
+
+
+AUTO = """
+import jax, numpy as np, optax
+from resnet_jax.models import get_model
+from resnet_jax.training import experiment
+from resnet_jax.training.config import base_config, with_overrides
+from resnet_jax.training.state import create_train_state
+c = with_overrides(base_config(), model="fashion_mnist_resnet8", batch_size=8, eval_batch_size=5,
+                   cpu_kernels=False)
+assert c.parallel == "auto"
+model = get_model("fashion_mnist_resnet8", num_classes=10)
+tx = optax.sgd(0.01)
+strategy = experiment.make_steps(c, model, 10, tx, optax.constant_schedule(0.01))
+state = strategy.place_state(create_train_state(model, tx, jax.random.key(0), (28, 28, 1)))
+batch = {"image": np.full((8, 28, 28, 1), 100, np.uint8), "label": np.arange(8, dtype=np.int32)}
+state, metrics = strategy.train_step(state, strategy.put_train_batch(batch), jax.random.key(1))
+print(strategy.name, strategy.num_devices, experiment.eval_batch_size(c), int(state.step))
+"""
+
+
+@pytest.mark.parametrize("devices,expected", [(1, "single 1 5 1"), (2, "sharded 2 6 1")])
+def test_auto_runs_single_on_one_device_and_sharded_on_several(devices, expected):
+    assert run_snippet(AUTO, devices).split("\n")[-2] == expected

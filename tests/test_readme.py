@@ -60,8 +60,19 @@ def run(args: list[str], cwd: str = ROOT, devices: int = 1, env: dict | None = N
                 XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
     result = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, (args, result.stdout[-2000:], result.stderr[-4000:])
+    if result.returncode != 0:
+        pytest.fail(failure_report(args, result), pytrace=False)
     return result.stdout
+
+
+def failure_report(args: list[str], result: subprocess.CompletedProcess) -> str:
+    """A failed command in a few lines that survive a log's tail: the command, its exit code
+    and the last traceback (or the last lines) of its stderr, then the last lines of stdout."""
+    err = result.stderr.splitlines()
+    start = max((i for i, line in enumerate(err) if line.startswith("Traceback")), default=None)
+    shown = err[start:][:40] if start is not None else err[-25:]
+    return "\n".join([f"exit {result.returncode}: {shlex.join(args)}", "--- stderr ---", *shown,
+                      "--- stdout (last 10 lines) ---", *result.stdout.splitlines()[-10:]])
 
 
 COVERED = {  # the start of each README command -> the test that runs it
@@ -108,21 +119,37 @@ def test_command_is_what_ci_runs():
     assert command("bash experiments/setup.sh && ").startswith("bash experiments/setup.sh && ")
 
 
-def test_main_job(tmp_path):
+@pytest.fixture(scope="module")
+def main_job_run(tmp_path_factory) -> tuple[str, str]:
+    """The main job's command on tiny data: its run directory and what it printed."""
     cmd = command("bash experiments/setup.sh && ").split(" && ", 1)[1]
-    out = run(argv(cmd, **{"runs/fashion_mnist": str(tmp_path / "fm")}) + TINY_TRAIN)
+    workdir = str(tmp_path_factory.mktemp("main_job") / "fm")
+    return workdir, run(argv(cmd, **{"runs/fashion_mnist": workdir}) + TINY_TRAIN)
+
+
+BEST = ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist_best.py"
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory) -> str:
+    """fashion_mnist_best's command on tiny data, with 5% of it held out for validation."""
+    workdir = str(tmp_path_factory.mktemp("best") / "run")
+    run(argv(command(BEST), **{"runs/fashion_mnist_best": workdir}) + TINY_TRAIN
+        + ["--config.validation_split=0.05"])
+    return workdir
+
+
+def test_main_job(main_job_run):
+    workdir, out = main_job_run
     assert "final: step 4 test_accuracy" in out
-    assert os.path.exists(tmp_path / "fm" / "selected.json")
+    assert os.path.exists(os.path.join(workdir, "selected.json"))
 
 
-def test_best_and_plot(tmp_path):
-    train = command(".venv/bin/python -m experiments.train --config "
-                    "experiments/configs/fashion_mnist_best.py")
-    main = command("bash experiments/setup.sh && ").split(" && ", 1)[1]
-    runs = {"runs/fashion_mnist_best": str(tmp_path / "best"),
-            "runs/fashion_mnist": str(tmp_path / "main")}
-    run(argv(train, **runs) + TINY_TRAIN)
-    run(argv(main, **{"runs/fashion_mnist": runs["runs/fashion_mnist"]}) + TINY_TRAIN)
+def test_best_and_plot(tmp_path, main_job_run, best_run):
+    """The two runs of the plot are the main job's and fashion_mnist_best's (the fixtures
+    ran their README commands)."""
+    runs = {"runs/fashion_mnist_best": best_run, "runs/fashion_mnist": main_job_run[0]}
+    assert os.path.exists(os.path.join(best_run, "selected.json"))
     plot = command(".venv/bin/python -m experiments.plot_runs")
     plot = plot.replace("fashion_mnist_time.png", str(tmp_path / "time.png"))
     run(argv(plot.replace("runs/fashion_mnist_best", runs["runs/fashion_mnist_best"])
@@ -135,12 +162,14 @@ def test_summary():
     assert "25,557,032" in out
 
 
-def test_train_evaluate(tmp_path):
-    workdir = str(tmp_path / "run")
+def test_train_evaluate(best_run):
+    """The generic training command with NAME=fashion_mnist_best is fashion_mnist_best's own
+    command, so its run is the one `best_run` made; every evaluate option reads it."""
+    workdir = best_run
     train = command(".venv/bin/python -m experiments.train --config experiments/configs/NAME.py")
     args = argv(train.replace(" [--config.field=value ...]", ""),
                 NAME="fashion_mnist_best", DIR=workdir)
-    run(args + TINY_TRAIN + ["--config.validation_split=0.05"])
+    assert args == argv(command(BEST), **{"runs/fashion_mnist_best": workdir})
     evaluate = command(".venv/bin/python -m experiments.evaluate")
     base = argv(evaluate.split(" [")[0], DIR=workdir)
     options = re.findall(r"\[(--[a-z]+)(?: ([a-z|]+))?\]", evaluate)
@@ -177,6 +206,7 @@ def imagenet_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.mark.slow
 def test_image_folder(tmp_path):
     from benchmarks.jpeg_folder import write_folder
 
@@ -197,6 +227,7 @@ def test_multi_gpu_on_8_devices(tmp_path, imagenet_dir):
     assert record["step"] == 2 and record["test_count"] == 16
 
 
+@pytest.mark.slow
 def test_slurm_on_two_processes_of_8_devices(tmp_path, imagenet_dir):
     """srun's environment for 2 tasks on 2 nodes, the node list on the loopback address;
     jax.distributed finds the cluster from it (config.distributed=True)."""
@@ -236,6 +267,7 @@ def test_scaling(tmp_path):
     assert [r["devices"] for r in json.load(open(out))] == [1, 2, 4]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_transfer(tmp_path):
     """The README names torchvision's published ResNet-50 file, which is not here (no
@@ -292,6 +324,9 @@ def test_input_pipeline(tmp_path):
                              "--folder", str(tmp_path / "jpegs"), "--rounds", "1",
                              "--results-dir", str(tmp_path / "results")])
     assert "tf.data" in out
+    rows = json.load(open(tmp_path / "results" / "input_pipeline.json"))
+    assert {r["transform"] for r in rows} == {"train", "eval", "feeder"}
+    assert all(r["resnet_jax_img_s"] > 0 for r in rows)
 
 
 def _pins(path: str) -> list[str]:
@@ -360,6 +395,7 @@ def test_accelerator_installs(tmp_path):
                 (name, str(requirement), released[:5])
 
 
+@pytest.mark.slow  # PyTorch's side compiles its steps with torch.compile (most of its time)
 @pytest.mark.torch
 def test_accelerator(tmp_path):
     """The accelerator benchmark at CPU sizes: both sides measured, the ratio, the step's FLOPs

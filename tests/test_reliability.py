@@ -165,7 +165,10 @@ def test_sigkill_at_a_random_step_then_restart_ends_with_the_uninterrupted_param
         first = logged_step(workdir)
         kill_at = random.Random(seed).randrange(first + 1, 22)  # of 24 steps
         reached = wait_for_step(proc, workdir, kill_at)
-        workers = children(proc.pid)
+        workers, deadline = children(proc.pid), time.time() + 30
+        while len(workers) < 2 and time.time() < deadline:  # one snapshot once caught a
+            time.sleep(0.01)  # single child: kill when the workers are seen, not before
+            workers = children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:

@@ -127,20 +127,75 @@ def test_packages_import_only_what_is_below_them():
 
 def test_no_import_cycle_between_packages():
     graph = {p: {t for t in ts if t != p} for p, ts in import_graph().items()}
-    visiting, done = set(), set()
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
-    def visit(node, path):
-        assert node not in visiting, f"import cycle: {' -> '.join(path + [node])}"
+
+def _project_module(name: str) -> str | None:
+    """`name` as a module file of the project (a package means its __init__), or None."""
+    path = os.path.join(ROOT, *name.split("."))
+    if os.path.isfile(path + ".py") or os.path.isfile(os.path.join(path, "__init__.py")):
+        return name
+    return None
+
+
+def module_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports by name (lazy and TYPE_CHECKING imports too;
+    `from PACKAGE import NAME` is an import of PACKAGE.NAME when that is a module)."""
+    graph: dict[str, set[str]] = {}
+    for top in TOPS:
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
+            for file in (n for n in files if n.endswith(".py")):
+                path = os.path.join(root, file)
+                module = _module_name(path)
+                package = module if file == "__init__.py" else module.rpartition(".")[0]
+                targets = graph.setdefault(module, set())
+                for node in ast.walk(ast.parse(open(path).read())):
+                    if isinstance(node, ast.Import):
+                        found = [_project_module(a.name) for a in node.names]
+                    elif isinstance(node, ast.ImportFrom):
+                        base = node.module or ""
+                        if node.level:
+                            parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                            base = ".".join(parent + ([base] if base else []))
+                        found = [_project_module(f"{base}.{a.name}") or _project_module(base)
+                                 for a in node.names]
+                    else:
+                        continue
+                    targets |= {m for m in found if m and m != module}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a path that ends where it starts, or None."""
+    visiting, done = [], set()
+
+    def visit(node):
+        if node in visiting:
+            return visiting[visiting.index(node):] + [node]
         if node in done:
-            return
-        visiting.add(node)
-        for nxt in graph.get(node, ()):
-            visit(nxt, path + [node])
-        visiting.discard(node)
+            return None
+        visiting.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            cycle = visit(nxt)
+            if cycle:
+                return cycle
+        visiting.pop()
         done.add(node)
+        return None
 
-    for node in graph:
-        visit(node, [])
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_no_import_cycle_between_modules():
+    graph = module_graph()
+    assert "resnet_jax.training.optim" in graph["resnet_jax.training.config"]  # it sees imports
+    assert "resnet_jax.models.resnet" in graph["resnet_jax.models"]  # a package's __init__
+    assert {"resnet_jax.training.experiment", "resnet_jax.training.loop"} <= graph[
+        "resnet_jax.training.run"] | graph["experiments.train"]  # from PACKAGE import MODULE
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
 
 
 def test_the_loop_is_one_story_of_at_most_250_lines():
@@ -192,6 +247,63 @@ def test_an_unknown_field_on_the_command_line_is_a_clean_error(tmp_path, argumen
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+FASHION = os.path.join("experiments", "configs", "fashion_mnist.py")
+BAD_INPUTS = {  # name -> (arguments after the module, the message's telling part)
+    "config file missing": (["--config", "experiments/configs/fashion_mnst.py"],
+                            "--config experiments/configs/fashion_mnst.py: no such file; "
+                            "expected an experiment config file (.py), one of "
+                            "experiments/configs/: cifar10_resnet110,"),
+    "config= file missing": (["--config=nowhere/fm.py"], "--config nowhere/fm.py: no such file"),
+    "workdir is a file": (["--workdir", "{file}"],
+                          "workdir {file} is a file; expected a directory for the run"),
+    "workdir inside a file": (["--workdir", "{file}/run"],
+                              "workdir {file}/run is inside {file}, which is a file"),
+    "misspelt field": (["--config.batchsize=64"], "did you mean 'batch_size'?"),
+    "bad value": (["--config.learning_rate=-0.1"], "learning_rate=-0.1 must be a positive"),
+    "unknown model": (["--config.model=resnet19"], "unknown model 'resnet19'"),
+    "unknown dataset": (["--config.dataset=imagenet21k"], "dataset='imagenet21k'; expected one of"),
+    "missing data": (["--config.data_source=idx", "--config.data_dir={empty}"],
+                     "no IDX files for 'fashion_mnist' split 'train' in '{empty}'"),
+    "indivisible batch": (["--config.parallel=pmap", "--config.batch_size=33"],
+                          "batch size 33 does not divide across 2 devices"),
+    "missing init_from": (["--config.init_from={empty}/weights"],
+                          "init_from='{empty}/weights' holds neither converted weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_on_the_command_line_is_one_line_naming_it(tmp_path, case):
+    """Each ends before training with exit status 2 and one `error:` line that names the bad
+    value and what is expected, no traceback, and no run directory made."""
+    arguments, message = BAD_INPUTS[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a directory")
+    fill = {"{file}": str(tmp_path / "a_file"), "{empty}": str(tmp_path / "empty")}
+    for key, value in fill.items():
+        arguments = [a.replace(key, value) for a in arguments]
+        message = message.replace(key, value)
+    given = {a.split("=")[0] for a in arguments}
+    args = ([] if given & {"--config"} else ["--config", FASHION])
+    args += ([] if "--workdir" in given else ["--workdir", str(tmp_path / "run")]) + arguments
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-m", "experiments.train", *args, "--config.progress_bar=False"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_evaluate_on_a_directory_that_holds_no_run_is_one_line_naming_it(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir", str(tmp_path)],
+                         cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(errors) == 1 and str(tmp_path) in errors[0], out.stderr[-3000:]
 
 
 def test_every_declared_config_field_is_read_outside_the_schema():

@@ -366,7 +366,8 @@ def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
     assert int(state.step) == 3 and float(m["learning_rate"]) == pytest.approx(0.05)
     # evaluation over 1000 examples in batches of 300: every example counted once, and the
     # accuracy equals the one computed on the whole split at once
-    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes, get_loss(c.loss)))
+    eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes, get_loss(c.loss),
+                                       preprocess=experiment.device_input(exp.config, False)))
     result = evaluate(eval_step, state, exp.eval_source, exp.info, c.eval_batch_size)
     assert result["count"] == 1000 and int(result["confusion"].sum()) == 1000
     x = (exp.eval_source.images.astype(np.float32) / 255 - 0.2860) / 0.3530
@@ -479,6 +480,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
     """`benchmark --against torch` on the suite's smallest model, one round: JSON and table
@@ -524,16 +526,21 @@ def test_the_accelerator_benchmark_knows_peaks_by_device_kind_and_refuses_unknow
             benchmark.main(["--accelerator", "--sizes", "tiny", *args])
         assert message in capsys.readouterr().err
 
-def test_random_erasing_erases_about_its_probability_of_images_and_is_reproducible():
-    source, info = _toy_source(n=400, shape=(32, 32, 3)), DATASETS["cifar10"]
-    # constant images, so an erased rectangle (random values) is what differs from 128
-    source.images[:] = 128
-    plain = next(pipeline.train_batches(source, info, 400, seed=1, augment="none"))
-    erased = next(pipeline.train_batches(source, info, 400, seed=1, augment="none", erase=0.5))
-    again = next(pipeline.train_batches(source, info, 400, seed=1, augment="none", erase=0.5))
-    np.testing.assert_array_equal(erased["image"], again["image"])
-    np.testing.assert_array_equal(erased["label"], plain["label"])
-    changed = (erased["image"] != plain["image"]).any(axis=-1)  # (N, H, W): erased pixels
+def test_random_erasing_on_the_device_erases_about_its_probability_and_ignores_the_split():
+    from resnet_jax.data.on_device import DeviceInput
+
+    # std 1/255 and mean 0: the input is the grey levels themselves, so on constant images an
+    # erased rectangle (random values) is what differs from 128
+    prepare = DeviceInput((0.0,), (1 / 255,), erase=0.5)
+    images = np.full((400, 32, 32, 3), 128, np.uint8)
+    key = jax.random.key(7)
+    erased = np.asarray(jax.jit(prepare)(images, key))
+    np.testing.assert_array_equal(erased, np.asarray(prepare(images, key)))  # reproducible
+    assert not np.array_equal(erased, np.asarray(prepare(images, jax.random.key(8))))
+    # the draws of example i depend on i in the global batch, not on the device's slice
+    np.testing.assert_array_equal(np.asarray(prepare(images[300:], key, 300)), erased[300:])
+    np.testing.assert_allclose(np.asarray(prepare(images)), 128.0, atol=1e-3)  # no key: none
+    changed = (np.abs(erased - 128.0) > 1e-3).any(axis=-1)  # (N, H, W): erased pixels
     hit = changed.any(axis=(1, 2))
     assert 0.4 < hit.mean() < 0.6, hit.mean()  # p = 0.5 over 400 images
     areas = changed[hit].mean(axis=(1, 2))  # each a rectangle of 2-40% of the image
@@ -541,6 +548,25 @@ def test_random_erasing_erases_about_its_probability_of_images_and_is_reproducib
     rows, cols = np.nonzero(changed[np.argmax(hit)])
     box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     assert box >= len(rows) > 0.9 * box  # one filled rectangle
+    with pytest.raises(ValueError, match="random_erasing=1.5"):
+        DeviceInput((0.5,), (0.5,), erase=1.5)
+
+
+def test_the_steps_normalise_uint8_batches_on_the_device_as_the_host_would():
+    from resnet_jax.data import transforms
+    from resnet_jax.data.on_device import DeviceInput
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for order in ("RGB", "BGR"):
+        np.testing.assert_allclose(np.asarray(DeviceInput(mean, std, order)(images)),
+                                   transforms.normalize(images, mean, std, order), atol=1e-5)
+    gray = images[..., :1]
+    rgb = np.asarray(DeviceInput((0.5,), (0.25,), channels=3)(gray))
+    assert rgb.shape == (4, 8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    with pytest.raises(ValueError, match="do not fit images with 3 channel"):
+        DeviceInput((0.5, 0.5), (0.2, 0.2))(images)
 
 
 def test_gradient_accumulation_gives_the_whole_batch_update():

@@ -207,8 +207,9 @@ def test_a_fine_tuning_run_feeds_the_model_as_its_weights_were_fed(converted, tm
 
 
 def test_the_keras_entry_normalises_as_keras_preprocess_input(tmp_path):
-    """The registry's Keras ResNet50 preprocessing, applied by the pipeline to real photos,
-    equals keras.applications.resnet50.preprocess_input on the same pixels."""
+    """The registry's Keras ResNet50 preprocessing, applied on the device to the pipeline's
+    batch of real photos, equals keras.applications.resnet50.preprocess_input on the same
+    pixels."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     from keras.applications import resnet50
     from skimage import data as photos
@@ -225,12 +226,14 @@ def test_the_keras_entry_normalises_as_keras_preprocess_input(tmp_path):
     c = experiment.resolve_input(fine_tune_config(weights, "backbone", model="keras_resnet50"))
     assert c.input_channel_order == "BGR"
     info = experiment.info_of(c)
+    prepare = experiment.device_input(c, train=False)
     pictures = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
     images = np.stack([p[:224, :224] for p in pictures]).astype(np.uint8)
     source = ArraySource(images, np.zeros(4, np.int32))
     batch = next(iter(pipeline.eval_batches(source, info, 4)))
     expected = resnet50.preprocess_input(images.astype(np.float32))
-    np.testing.assert_allclose(batch["image"], expected, atol=2e-4, rtol=0)
+    assert batch["image"].dtype == np.uint8  # the host does no per-pixel float work
+    np.testing.assert_allclose(prepare(batch["image"]), expected, atol=2e-4, rtol=0)
     # and not what the dataset's own statistics would give
-    plain = next(iter(pipeline.eval_batches(source, experiment.info_of(fine_tune_config("", "")), 4)))
-    assert np.abs(plain["image"] - expected).max() > 50
+    plain = experiment.device_input(fine_tune_config("", ""), train=False)(batch["image"])
+    assert np.abs(plain - expected).max() > 50

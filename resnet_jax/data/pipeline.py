@@ -2,8 +2,8 @@
 
     steps -> this process's part of the global batch: example indices and random draws
           -> read and augment (in-memory arrays, vectorised) or decode and crop (encoded
-             images, one by one into the batch) -> [worker processes] -> normalise
-          -> [prefetch to the devices]
+             images, one by one into the batch) -> [worker processes] -> uint8 batches
+          -> [prefetch to the devices] -> normalised (and erased) inside the jitted step
 
 The data order is a pure function of (seed, step): epoch e is the permutation
 `default_rng([seed, e])` of the split, step s takes its slice of it, and the random draws of
@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from resnet_jax.data import images, transforms
+from resnet_jax.data import images, slots, transforms
 from resnet_jax.data.sources import ArraySource, DatasetInfo
 
 Batch = dict[str, np.ndarray]
@@ -132,7 +132,8 @@ class EvalPositions:
 class ArrayBatch:
     """In-memory images, a whole local batch per element: gathered by index, then (train)
     zero-padded by `pad`, cropped back at the drawn offsets and mirrored where drawn, all
-    vectorised; evaluation batches carry the mask."""
+    vectorised (or, with augment 'inception', each image's random-resized crop and flip
+    resized back to its size); evaluation batches carry the mask."""
 
     positions: Any  # TrainPositions or EvalPositions
     source: ArraySource
@@ -147,7 +148,9 @@ class ArrayBatch:
             return {"image": images, "label": labels, "mask": mask}
         indices, offsets, flips, seeds = self.positions.batch(step)
         images, labels = self.source.get_batch(indices)
-        if self.augment in ("flip", "crop_flip"):
+        if self.augment == "inception":
+            images = np.stack([inception_crop(image, seed) for image, seed in zip(images, seeds)])
+        elif self.augment in ("flip", "crop_flip"):
             images = transforms.pad_crop_flip(
                 images, offsets, flips, self.pad if self.augment == "crop_flip" else 0)
         if self.ops:
@@ -155,12 +158,28 @@ class ArrayBatch:
         return {"image": images, "label": labels}
 
 
+def inception_crop(image: np.ndarray, seed: int) -> np.ndarray:
+    """An in-memory image's Inception-style random-resized crop, mirrored with probability
+    1/2, resized back to the image's size (bilinear), drawn from `seed`."""
+    import cv2
+
+    rng = np.random.default_rng([int(seed), 4])
+    h, w = image.shape[:2]
+    left, top, right, bottom = images.random_resized_crop_box(rng, h, w) or (0, 0, w, h)
+    out = cv2.resize(image[top:bottom, left:right], (w, h), interpolation=cv2.INTER_LINEAR)
+    out = out.reshape(image.shape)
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
 @dataclasses.dataclass
 class DecodeCrop:
-    """Encoded images: Inception-style random-resized crop and flip (train), or the central
-    crop (eval), decoded at a reduced scale where the crop allows. A corrupt image stops the
-    run with its path, or with `skip_corrupt` is replaced: in training by the next readable
-    example, in evaluation by a masked-out blank."""
+    """Encoded images, decoded at a reduced scale where the crop allows. Training crops by
+    `augment`: 'inception' (random-resized crop and flip), or the evaluation crop followed by
+    'flip' or 'crop_flip' (zero-pad by `pad`, crop back at the drawn offset, mirror) or
+    nothing ('none'). The evaluation crop is the central 87.5% resized to `size`, or the
+    whole image when it is `size` x `size` already (a CIFAR-style folder). A corrupt image
+    stops the run with its path, or with `skip_corrupt` is replaced: in training by the next
+    readable example, in evaluation by a masked-out blank."""
 
     source: Any
     size: int
@@ -168,26 +187,36 @@ class DecodeCrop:
     skip_corrupt: bool = False
     channels: int = 3
     ops: transforms.ImageOps = transforms.ImageOps()  # per-image random operations (train)
+    augment: str = "inception"  # of training
+    pad: int = 0  # crop_flip's margin
 
-    def _load(self, index: int, seed: int | None) -> tuple[np.ndarray, Any]:
+    def _eval_box(self, height: int, width: int):
+        if height == width == self.size:
+            return (0, 0, width, height)
+        return images.center_crop_box(height, width)
+
+    def _load(self, index: int, draws: dict[str, Any] | None) -> tuple[np.ndarray, Any]:
         item = self.source[index]
-        if seed is None:
-            box = images.center_crop_box
-            flip = False
-        else:
-            rng = np.random.default_rng(seed)
+        box, flip = self._eval_box, False
+        if draws is not None and self.augment == "inception":
+            rng = np.random.default_rng(draws["seed"])
             flip = bool(rng.random() < 0.5)
 
             def box(h, w):
                 return images.random_resized_crop_box(rng, h, w) or images.center_crop_box(h, w)
+        elif draws is not None and self.augment == "flip":
+            flip = bool(draws["flip"])
         image = images.crop_resize(item["data"], item["where"], self.size, box, flip,
                                    self.channels)
-        if self.ops and seed is not None:
-            image = self.ops(image, seed)
+        if draws is not None and self.augment == "crop_flip":  # as in memory: pad, crop, flip
+            image = transforms.pad_crop_flip(image[None], np.asarray(draws["offset"])[None],
+                                             np.asarray([bool(draws["flip"])]), self.pad)[0]
+        if self.ops and draws is not None:
+            image = self.ops(image, draws["seed"])
         return image, item["label"]
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        index, seed = item["index"], item.get("seed") if self.train else None
+        index, seed = item["index"], item if self.train else None
         corrupt = 0
         for _ in range(len(self.source)):
             try:
@@ -214,25 +243,12 @@ class DecodeCrop:
 
 
 @dataclasses.dataclass
-class Normalize:
-    """A batch of uint8 images to float32, scaled to [0, 1] and standardised per channel."""
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    channel_order: str = "RGB"
-
-    def __call__(self, batch: Batch) -> Batch:
-        return {**batch, "image": transforms.normalize(batch["image"], self.mean, self.std,
-                                                       self.channel_order)}
-
-
-@dataclasses.dataclass
 class DecodeBatch:
     """Encoded images, a whole local batch per element: each example decoded and cropped
-    (DecodeCrop) straight into its slot of a uint8 batch. In a worker process the batch
-    lives in shared memory, which grain hands to the training process without a copy;
-    uint8 keeps that memory, whose first touch costs more than the copy, a quarter of
-    float32's."""
+    (DecodeCrop) straight into its place in a uint8 batch. In a worker process the finished
+    batch is copied into one of the worker's reused shared-memory slots (`slots`: the
+    worker's time, not the training process's), which the training process reads in
+    place."""
 
     positions: Callable[[int], dict[str, Any]]
     decode: DecodeCrop
@@ -240,16 +256,8 @@ class DecodeBatch:
     with_mask: bool
 
     def __call__(self, step: int) -> Batch:
-        import multiprocessing
-
         n, size, c = self.local_batch, self.decode.size, self.decode.channels
-        shape = (n, size, size, c)
-        if multiprocessing.parent_process() is not None:
-            from grain.multiprocessing import SharedMemoryArray
-
-            image = SharedMemoryArray(shape, np.uint8)
-        else:
-            image = np.empty(shape, np.uint8)
+        image = np.empty((n, size, size, c), np.uint8)
         label, corrupt = np.empty(n, np.int32), np.zeros(n, np.int32)
         mask = np.ones(n, np.float32)
         for k in range(n):
@@ -265,12 +273,42 @@ class DecodeBatch:
 
 # --- the pipelines ---
 
-def _with_workers(dataset, workers: int, threads: int, info: DatasetInfo):
-    """The grain IterDataset of normalised batches: `workers` processes compute the uint8
-    batches (0: this one), each with `threads` threads (0: one by one as they are asked
-    for); this process normalises them (a quarter of the bytes cross between processes)."""
+class _Pipeline:
+    """A pipeline's grain iterator and, on `close`, the release of its shared-memory
+    slots (`get_state`/`set_state` as grain's)."""
+
+    def __init__(self, iterator, release: Callable[[], None]):
+        self._iterator, self._release = iterator, release
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._iterator)
+
+    def get_state(self):
+        return self._iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        closer = getattr(self._iterator, "close", None)
+        if closer is not None:
+            closer()
+        self._release()
+
+
+def _with_workers(dataset, workers: int, threads: int, image_bytes: int = 0) -> _Pipeline:
+    """The grain IterDataset of uint8 batches: `workers` processes compute them (0: this
+    one), each with `threads` threads (0: one by one as they are asked for), and hand them
+    over in reused shared-memory slots (`slots`) of `image_bytes` (a batch's images). The
+    host does no per-pixel float work: the steps normalise on the device."""
     import grain
 
+    shared = slots.Slots(workers, image_bytes)
+    if workers > 0:
+        dataset = dataset.map(shared.to_slot())  # in the workers: into a reused shared slot
     iter_ds = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=threads, prefetch_buffer_size=2 * threads if threads else 0))
     if workers > 0:
@@ -279,17 +317,18 @@ def _with_workers(dataset, workers: int, threads: int, info: DatasetInfo):
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                                      worker_init_fn=_init_worker)
-    return iter_ds.map(Normalize(info.mean, info.std, info.channel_order))
+                                      worker_init_fn=_init_worker).map(shared)
+    return _Pipeline(iter_ds.__iter__(), shared.close)
 
 
 def _init_worker(index: int, count: int) -> None:
     """In each worker process: OpenCV on one thread (the workers are the parallelism), and a
     watch that ends the worker when the training process is gone (a SIGKILL gives it no
     chance to stop its workers, which would otherwise live on, orphaned)."""
-    del index, count
+    del count
     import cv2
 
+    slots.set_worker(index)
     cv2.setNumThreads(1)
     parent = os.getppid()
 
@@ -305,11 +344,8 @@ def _init_worker(index: int, count: int) -> None:
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
                        skip_corrupt: bool, channels: int,
                        ops: transforms.ImageOps = transforms.ImageOps()):
-    if train and augment not in ("inception", "none"):
-        raise ValueError(f"augment={augment!r} is for in-memory images; {info.tfds_name} "
-                         f"images are decoded per example: use 'inception' or 'none'")
-    return DecodeCrop(source, image_size or 224, train and augment == "inception", skip_corrupt,
-                      channels, ops if train else transforms.ImageOps())
+    return DecodeCrop(source, image_size or 224, train, skip_corrupt, channels,
+                      ops if train else transforms.ImageOps(), augment, _pad(info))
 
 
 def _pad(info: DatasetInfo) -> int:
@@ -321,17 +357,17 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                   process_index: int = 0, process_count: int = 1, workers: int = 0,
                   state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
                   end_step: int | None = None, threads: int | None = None,
-                  erase: float = 0.0, policy: str = "", policy_ops: int = 2,
+                  policy: str = "", policy_ops: int = 2,
                   policy_magnitude: int = 9):
     """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
-    {'image': float32, 'label': int32[, 'corrupt': per-example count of unreadable files
-    replaced]} with `get_state()`.
+    {'image': uint8, 'label': int32[, 'corrupt': per-example count of unreadable files
+    replaced]} with `get_state()`; the steps normalise the images on the device
+    (`on_device.DeviceInput`, which also does random erasing).
 
     Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
     process); the batches and their order do not depend on it. After the crop and flip, each
     image gets the automatic augmentation `policy` ('rand_augment': `policy_ops` operations
-    at bin `policy_magnitude` of 31; 'trivial_augment_wide'), then random erasing with
-    probability `erase`.
+    at bin `policy_magnitude` of 31; 'trivial_augment_wide').
     """
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
@@ -343,14 +379,23 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
     stop = end_step if end_step is not None else 2**62 // global_batch
     dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
                                    skip_corrupt, channels, local, stop,
-                                   transforms.ImageOps(erase, policy, policy_ops,
+                                   transforms.ImageOps(policy, policy_ops,
                                                        policy_magnitude))
     if state is None and start_step:
         dataset = dataset[start_step:]
-    iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
+    iterator = _with_workers(dataset, workers, _threads(source, threads),
+                             _image_bytes(source, image_size, channels, local))
     if state is not None:
         iterator.set_state(state)
     return iterator
+
+
+def _image_bytes(source, image_size: int | None, channels: int, local: int) -> int:
+    """The bytes of the uint8 images of one local batch."""
+    if isinstance(source, ArraySource):
+        return local * int(np.prod(source.images.shape[1:]))
+    size = image_size or 224
+    return local * size * size * channels
 
 
 def _threads(source, threads: int | None) -> int:
@@ -395,7 +440,8 @@ def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int |
     dataset = _examples_to_batches(
         EvalPositions(len(source), global_batch, local, process_index), source, info, False,
         "none", image_size, skip_corrupt, channels, local, n_batches)
-    iterator = _with_workers(dataset, workers, _threads(source, threads), info).__iter__()
+    iterator = _with_workers(dataset, workers, _threads(source, threads),
+                             _image_bytes(source, image_size, channels, local))
     try:
         yield from iterator
     finally:
@@ -403,41 +449,97 @@ def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int |
 
 
 def close(iterator) -> None:
-    """Stop a pipeline iterator's worker processes (no-op without workers)."""
+    """Stop a pipeline iterator's worker processes (no-op without workers) and release the
+    shared memory of the batches they handed over."""
     closer = getattr(iterator, "close", None)
     if closer is not None:
         closer()
+        release_shared_memory()
 
 
-def prefetch(iterator: Iterator[Batch], put: Callable[[Batch], Any], size: int = 2,
-             state: Callable[[], Any] | None = None) -> Iterator:
-    """Prepare the next `size` batches in a background thread and hand them to `put`
-    (device transfer) before they are needed. With `state`, yields (batch, state()) where
-    state() is taken right after the batch was drawn: the position to resume after it."""
-    q: queue.Queue = queue.Queue(maxsize=size)
-    sentinel = object()
-    stop = threading.Event()
+def release_shared_memory() -> None:
+    """Unlink now the shared memory of worker batches no longer referenced. grain unlinks it
+    from a background thread pool, whose last requests a process exit can cut short (Python
+    then warns of leaked shared_memory objects); this waits for them, and later batches are
+    unlinked as they are freed (grain starts the pool again with new workers)."""
+    import gc
 
-    def worker():
-        try:
-            for batch in iterator:
-                if stop.is_set():
-                    return
-                item = put(batch)
-                q.put((item, state()) if state is not None else item)
-            q.put(sentinel)
-        except BaseException as err:  # hand errors to the consumer
-            q.put(err)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
     try:
-        while True:
-            item = q.get()
-            if item is sentinel:
+        from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+    except ImportError:  # another grain layout: nothing to wait for here
+        return
+    gc.collect()  # batches in reference cycles (tracebacks, frames) are freed first
+    with SharedMemoryArray._lock:
+        workers = SharedMemoryArray._del_thread_pool
+        SharedMemoryArray._del_thread_pool = None
+        SharedMemoryArray._outstanding_del_requests = None
+    if workers is not None:
+        workers.close()
+        workers.join()
+
+
+class prefetch:
+    """Prepare the next `size` batches in a background thread and hand them to `put`
+    (device transfer) before they are needed: up to `size` transferred batches wait while
+    a step runs, and one more is in transfer. With `state`, yields (batch, state()) where
+    state() is taken right after the batch was drawn: the position to resume after it.
+    `ready()` says whether the next one is there already (a `next` would not wait)."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator[Batch], put: Callable[[Batch], Any], size: int = 2,
+                 state: Callable[[], Any] | None = None):
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._done = False
+
+        def work():
+            try:
+                for batch in iterator:
+                    if self._stop.is_set():
+                        return
+                    item = put(batch)
+                    self._put((item, state()) if state is not None else item)
+                self._put(self._END)
+            except BaseException as err:  # hand errors to the consumer
+                self._put(err)
+
+        self._thread = threading.Thread(target=work, name="resnet_jax-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+            except queue.Full:
+                continue
+
+    def ready(self) -> bool:
+        return not self._queue.empty()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is self._END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it ends after the batch in hand) and drop what it prepared."""
+        self._stop.set()
+        self._done = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=1.0)  # a daemon: one stuck in a slow source is left

@@ -40,13 +40,6 @@ def normalize(images: np.ndarray, mean, std, channel_order: str = "RGB") -> np.n
     return out
 
 
-def to_rgb(images: np.ndarray) -> np.ndarray:
-    """Grayscale NHWC images (one channel) with the channel repeated three times."""
-    if images.shape[-1] != 1:
-        raise ValueError(f"to_rgb takes one-channel images, got shape {images.shape}")
-    return np.repeat(images, 3, axis=-1)
-
-
 def crop_flip_params(rng: np.random.Generator, n: int, pad: int, flip: bool):
     """Offsets in [0, 2*pad] and flip flags for n images."""
     offsets = rng.integers(0, 2 * pad + 1, size=(n, 2)) if pad else np.zeros((n, 2), np.int64)
@@ -68,33 +61,13 @@ def pad_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pa
     return images
 
 
-def random_erase(image: np.ndarray, rng: np.random.Generator, probability: float,
-                 area=(0.02, 0.4), ratio=(0.3, 1 / 0.3)) -> np.ndarray:
-    """Random erasing (Zhong et al. 2020): with `probability`, one rectangle of `area` of the
-    image and aspect `ratio` filled with uniform random values (uint8 HWC; a new array)."""
-    if probability <= 0 or rng.random() >= probability:
-        return image
-    h, w, c = image.shape
-    for _ in range(10):
-        target = h * w * rng.uniform(*area)
-        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        eh, ew = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
-        if 0 < eh < h and 0 < ew < w:
-            top, left = rng.integers(0, h - eh + 1), rng.integers(0, w - ew + 1)
-            out = image.copy()
-            out[top:top + eh, left:left + ew] = rng.integers(0, 256, (eh, ew, c), np.uint8)
-            return out
-    return image
-
-
 @dataclasses.dataclass(frozen=True)
 class ImageOps:
     """The per-image random operations of training, after the crop and flip: an automatic
     augmentation `policy` ('rand_augment' with `num_ops` at bin `magnitude`, or
-    'trivial_augment_wide'; '' for none), then random erasing with probability `erase`.
-    Each draws from its own stream of the example's seed."""
+    'trivial_augment_wide'; '' for none), drawn from the example's seed. (Random erasing
+    works on the device: `on_device.DeviceInput`.)"""
 
-    erase: float = 0.0
     policy: str = ""
     num_ops: int = 2
     magnitude: int = 9
@@ -108,7 +81,7 @@ class ImageOps:
             raise ValueError(f"magnitude={self.magnitude}; expected 0..{BINS - 1}")
 
     def __bool__(self) -> bool:
-        return bool(self.erase or self.policy)
+        return bool(self.policy)
 
     def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
         if self.policy:
@@ -119,8 +92,6 @@ class ImageOps:
                 image = autoaugment.rand_augment(image, rng, self.num_ops, self.magnitude)
             else:
                 image = autoaugment.trivial_augment_wide(image, rng)
-        if self.erase:
-            image = random_erase(image, np.random.default_rng([int(seed), 2]), self.erase)
         return image
 
 

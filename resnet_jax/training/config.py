@@ -24,6 +24,7 @@ from resnet_jax.data.sources import DATA_SOURCES, DATASETS
 from resnet_jax.data.autoaugment import BINS, POLICIES
 from resnet_jax.data.transforms import AUGMENTATIONS, CHANNEL_ORDERS
 from resnet_jax.models import get_spec
+from resnet_jax.training.durations import Durations, durations  # noqa: F401 (re-exported)
 from resnet_jax.training.losses import LOSSES
 from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
 from resnet_jax.training.parallel import STRATEGIES
@@ -208,7 +209,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                   "tf.train.ExponentialMovingAverage with num_updates"),
     },
     "devices": {
-        "parallel": Field("single", "how the step runs on devices", STRATEGIES),
+        "parallel": Field("auto", "how the step runs on devices ('auto': 'single' on one "
+                                  "device, 'sharded' on several)", STRATEGIES),
         "sync_batch_norm": Field(False, "BatchNorm statistics over all devices"),
         "distributed": Field(False, "jax.distributed.initialize() with cluster detection"),
         "coordinator_address": Field("", "explicit multi-process set-up: HOST:PORT"),
@@ -229,6 +231,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                   bounds=">= 0"),
         "skip_nonfinite_steps": Field(False, "skip a NaN/Inf step instead of stopping"),
         "progress_bar": Field(True, "show a progress bar (process 0)"),
+        "profile_steps": Field((), "(first, last): a jax.profiler trace of steps first..last "
+                                   "(from 1) in WORKDIR/profile, for TensorBoard or XProf; "
+                                   "(): none"),
+        "compilation_cache": Field("auto", "jax's persistent compilation cache: 'auto' "
+                                           "($JAX_COMPILATION_CACHE_DIR, else "
+                                           "~/.cache/resnet_jax/jax), a directory, or '' (off)"),
     },
 }
 
@@ -299,6 +307,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.rand_augment_magnitude >= BINS:
         raise ValueError(f"rand_augment_magnitude={c.rand_augment_magnitude}; expected "
                          f"0..{BINS - 1}")
+    if len(c.profile_steps) not in (0, 2) or (
+            len(c.profile_steps) and not 1 <= c.profile_steps[0] <= c.profile_steps[1]):
+        raise ValueError(f"profile_steps={tuple(c.profile_steps)}; expected (first, last) with "
+                         f"1 <= first <= last, or () for no profile")
     _check_validation(c)
 
 
@@ -413,34 +425,6 @@ def _tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
-
-
-@dataclasses.dataclass(frozen=True)
-class Durations:
-    """Every duration of a run, in steps."""
-
-    steps_per_epoch: int
-    total_steps: int
-    end_step: int  # total_steps, or halt_after_steps when that comes first
-    warmup_steps: int
-    lr_boundaries: tuple[int, ...]
-    eval_every_steps: int
-    checkpoint_every_steps: int  # 0: only at evaluations
-
-
-def durations(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
-    """The config's durations converted to steps, with `steps_per_epoch` full batches."""
-    total = c.num_steps or c.num_epochs * steps_per_epoch
-    unit = steps_per_epoch if c.lr_boundaries_unit == "epochs" else 1
-    return Durations(
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total,
-        end_step=min(total, c.halt_after_steps) if c.halt_after_steps else total,
-        warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
-        lr_boundaries=tuple(int(round(b * unit)) for b in c.lr_boundaries),
-        eval_every_steps=c.eval_every_epochs * steps_per_epoch,
-        checkpoint_every_steps=c.checkpoint_every_steps,
-    )
 
 
 def describe() -> str:

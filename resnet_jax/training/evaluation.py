@@ -95,6 +95,9 @@ def selected(exp: "Experiment", state, strategy, decisions, record: dict[str, An
         if ema or decisions.best_step != record["step"]:
             result = evaluate_split(exp, state, strategy, "test", ema=ema)
     summary.update({k: v for k, v in result.items() if k != "test_confusion"})
+    note = experiment.test_split_note(c)
+    if note:
+        summary["test_split"] = note
     return {"summary": summary, "confusion": result["test_confusion"]}
 
 

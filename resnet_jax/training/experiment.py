@@ -4,6 +4,8 @@ and the steps mapped by a strategy. Nothing is trained here."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from typing import Any, Callable
 
 import jax
@@ -11,16 +13,18 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_jax.data import pipeline
+from resnet_jax.data.on_device import DeviceInput
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
                                      holdout, load_source, subset)
-from resnet_jax.data.transforms import to_rgb
 from resnet_jax.models import get_model, get_spec
 from resnet_jax.training import steps, transfer
-from resnet_jax.training.config import (Durations, durations, has_validation, validate_config,
-                                        with_overrides)
+from resnet_jax.training.config import has_validation, validate_config, with_overrides
+from resnet_jax.training.durations import Durations, durations
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.optim import make_optimizer
-from resnet_jax.training.parallel import Strategy, make_strategy
+from resnet_jax.training.parallel import Strategy, make_strategy, resolve_strategy
+
+log = logging.getLogger("resnet_jax")
 
 
 @dataclasses.dataclass
@@ -70,7 +74,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
     overrides = dict(config.model_overrides.to_dict())
     overrides["dtype"] = jnp.dtype(config.dtype)
     fields = {f.name for f in dataclasses.fields(get_spec(config.model).cls)}
-    if config.sync_batch_norm and config.parallel != "single":
+    if config.sync_batch_norm and resolve_strategy(config.parallel) != "single":
         if "axis_name" not in fields:
             raise ValueError(f"sync_batch_norm=True but model {config.model!r} has no BatchNorm")
         overrides["axis_name"] = "data"
@@ -137,6 +141,33 @@ def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return with_overrides(config, input_mean=mean, input_std=std, input_channel_order=order)
 
 
+def test_split_note(config: ml_collections.ConfigDict) -> str:
+    """Why the test split is what it is, where the run chose it itself ('' otherwise): an
+    image folder without test/ is tested on val/ (or on the part of train/ held out as val)."""
+    if (config.dataset != "image_folder" or config.eval_split != "val" or not config.data_dir
+            or os.path.isdir(os.path.join(config.data_dir, "test"))):
+        return ""
+    held = "" if os.path.isdir(os.path.join(config.data_dir, "val")) else \
+        f" (held out of train/: holdout_fraction {config.holdout_fraction:g})"
+    return f"{config.data_dir} has no test/: val/{held} is the test split"
+
+
+def resolve_splits(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with an image folder's test split chosen: a folder with no test/ (only
+    train/, or train/ and val/, torchvision's layout) evaluates val as its test split, and
+    then decides on a part of train/ held out (`holdout_fraction`) when the config asks for
+    validation by val/."""
+    if (config.dataset != "image_folder" or config.eval_split != "test" or not config.data_dir
+            or os.path.isdir(os.path.join(config.data_dir, "test"))):
+        return config
+    changes: dict[str, Any] = {"eval_split": "val"}
+    if config.validation_dataset_split in ("val", "validation"):
+        changes.update(validation_dataset_split="", validation_split=config.holdout_fraction)
+    config = with_overrides(config, **changes)
+    log.info("%s", test_split_note(config))
+    return config
+
+
 ROLES = ("train", "validation", "test")
 
 
@@ -153,8 +184,8 @@ def split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
-    """A split of the run as the model sees it: its first `n` examples (all when 0),
-    grayscale repeated to RGB when `channels=3` asks for it.
+    """A split of the run: its first `n` examples (all when 0). Grayscale images stay one
+    channel where `channels=3` asks for RGB: the steps repeat the channel on the device.
 
     `split` is a role or a dataset split: "train" (less the held-out validation examples),
     "validation" (the held-out `validation_split` of train, chosen by the seed, or the
@@ -174,9 +205,8 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
     source = subset(source, n)
     shape = image_shape(config)
     if isinstance(source, ArraySource):
-        if source.images.shape[-1] != shape[-1]:
-            source = ArraySource(to_rgb(source.images), source.labels)
-        if source.images.shape[1:] != shape:
+        channels = source.images.shape[-1]
+        if source.images.shape[1:-1] != shape[:-1] or channels not in (1, shape[-1]):
             raise ValueError(f"{config.dataset} images have shape {source.images.shape[1:]}, "
                              f"expected {shape}")
     return source
@@ -191,7 +221,7 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     """Validate the config, load the data, build model and optimizer; the experiment's config
     has its input normalisation written out (`resolve_input`)."""
     validate_config(config)
-    config = resolve_input(config)
+    config = resolve_input(resolve_splits(config))
     info = info_of(config)
     num_classes = config.num_classes or info.num_classes
     model = build_model(config, num_classes)
@@ -221,7 +251,7 @@ def train_data(exp: Experiment, start_step: int = 0, position: dict | None = Non
         exp.train_source, exp.info, c.batch_size, c.seed, start_step, c.augment or None,
         c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
         state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps,
-        erase=c.random_erasing, policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
+        policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
         policy_magnitude=c.rand_augment_magnitude)
 
 
@@ -233,7 +263,7 @@ def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def eval_batch_size(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
     """The global evaluation batch: `eval_batch_size`, rounded up to a multiple of the device
     count under a multi-device strategy (the padded examples are masked out)."""
-    if config.parallel == "single":
+    if resolve_strategy(config.parallel) == "single":
         return config.eval_batch_size
     n = device_count or jax.device_count()
     return -(-config.eval_batch_size // n) * n
@@ -248,17 +278,27 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
     """The engine's train and eval steps for `model` and optimizer `tx`, mapped by the
     config's strategy and compiled with its options."""
     loss = get_loss(c.loss, c.label_smoothing)
+    preprocess = device_input(c)
     return make_strategy(
         c.parallel,
         lambda axis: steps.make_train_step(model, tx, schedule, loss, axis,
                                            c.skip_nonfinite_steps, c.freeze == "backbone",
                                            c.grad_accumulation_steps,
                                            (c.mixup_alpha, c.cutmix_alpha),
-                                           (c.ema_decay, c.ema_warmup)),
+                                           (c.ema_decay, c.ema_warmup), preprocess),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis,
-                                          c.eval_flip),
+                                          c.eval_flip, device_input(c, train=False)),
         c.batch_size, eval_batch_size(c), jit_options(c), _state_specs(c))
+
+
+def device_input(config: ml_collections.ConfigDict, train: bool = True) -> DeviceInput:
+    """What the steps do to a uint8 batch on the device: the run's input normalisation
+    (`resolve_input`), grayscale to RGB where `channels` asks for it, and in training random
+    erasing with probability `random_erasing`."""
+    c = resolve_input(config)
+    return DeviceInput(tuple(c.input_mean), tuple(c.input_std), c.input_channel_order,
+                       c.channels, c.random_erasing if train else 0.0)
 
 
 def _state_specs(c: ml_collections.ConfigDict):

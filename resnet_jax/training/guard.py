@@ -17,6 +17,17 @@ class WorkdirBusyError(RuntimeError):
     """Another run holds the workdir."""
 
 
+def check_workdir(workdir: str) -> None:
+    """A ValueError when `workdir`, or the nearest part of its path that exists, is a file."""
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is" if path == os.path.abspath(workdir) else f"is inside {path}, which is"
+        raise ValueError(f"workdir {workdir} {where} a file; expected a directory for the run "
+                         "(a new one, or an earlier run's to resume)")
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str) -> Iterator[None]:
     """Hold `workdir/.lock` for the duration: a second run on the same workdir gets a

@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.data import pipeline
-from resnet_jax.training import experiment, guard, metrics, selection, transfer
+from resnet_jax.training import (compilation_cache, experiment, guard, metrics, selection,
+                                 timing, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
@@ -40,15 +41,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the last evaluation record (with "stopped": signal name when SIGTERM/SIGINT
     ended the run early, after saving a checkpoint at the step it had reached).
     """
+    entered = time.monotonic()
+    guard.check_workdir(workdir)
+    compilation_cache.configure(config.compilation_cache)
     maybe_initialize_distributed(config)
     exp = experiment.setup(config)
     chief = jax.process_index() == 0
     lock = guard.workdir_lock(workdir) if chief else contextlib.nullcontext()
     with lock, guard.StopSignal() as stop:
-        return _train(exp, workdir, chief, stop)
+        return _train(exp, workdir, chief, stop, entered)
 
 
-def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -> dict[str, Any]:
+def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
+           entered: float) -> dict[str, Any]:
     config, d = exp.config, exp.durations
     if chief:
         _write_config(config, workdir)
@@ -67,7 +72,6 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     state = strategy.place_state(state)
     data = experiment.train_data(exp, start_step, saved.get("pipeline"))
     data_state = data.get_state()  # the pipeline's position after the last step's batch
-
     history = [r for r in metrics.read_metrics(workdir) if r["step"] <= start_step]
     if chief:
         metrics.rewrite_metrics(workdir, history)  # drop records past the resumed step
@@ -82,7 +86,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
     bar = metrics.progress_bar(d.total_steps, start_step, config.progress_bar and chief)
     pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched from the devices
     period = metrics.Mean()  # train metrics since the last evaluation
-    speed = metrics.Throughput(config.batch_size, start_step)
+    clock = timing.Clock(config, workdir, chief, start_step, entered)
     started = time.monotonic() - record.get("wall_seconds", 0.0)  # a resumed run goes on counting
     skipped, stopped, early, confusion = 0, "", False, {}
 
@@ -105,7 +109,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 continue
             window.add(values)
             period.add(values)
-        line = {**window.result(), "images_per_second": speed.window(step)}
+        line = {**window.result(), **clock.speed.window(step)}
         if config.skip_corrupt_images:
             line["corrupt_images"] = corrupt
         metrics.show(bar, step, line)
@@ -125,18 +129,21 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
 
     try:
         while step < d.end_step:
-            (batch, bad), data_state = next(batches)
-            state, step_metrics = strategy.train_step(state, batch, dropout_rng)
+            (batch, bad), data_state = clock.next_batch(batches, step + 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+                state, step_metrics = strategy.train_step(state, batch, dropout_rng)
             corrupt += bad
             pending.append(step_metrics)
             step += 1
+            clock.after(step, step_metrics)
             if len(pending) >= config.log_every_steps or step % d.steps_per_epoch == 0 \
                     or step == d.end_step:
                 flush()
             if step % d.eval_every_steps == 0 or step == d.total_steps:
                 flush()
-                record = _record(step, d, period, speed, skipped)
+                record = _record(step, d, period, clock.speed, skipped)
                 record["wall_seconds"] = round(time.monotonic() - started, 2)
+                clock.annotate(record)
                 new_best = False
                 if decisions is not None:
                     record.update(evaluate_split(exp, state, strategy, "val"))
@@ -158,7 +165,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
                 save()
                 if new_best:
                     save("best")
-                speed.restart(step)  # evaluation time is not training throughput
+                clock.speed.restart(step)  # evaluation time is not training throughput
             elif d.checkpoint_every_steps and step % d.checkpoint_every_steps == 0:
                 save()
             if early:
@@ -172,6 +179,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal) -
         if step == d.end_step or early:
             save()
     finally:
+        clock.close()
         batches.close()
         pipeline.close(data)
         bar.close()
@@ -219,7 +227,9 @@ def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput, skipp
     (`train_` + key) and the period's throughput; the evaluations add `val_*`/`test_*`."""
     record: dict[str, Any] = {"step": step, "epoch": round(step / d.steps_per_epoch, 4)}
     record.update({f"train_{k}": v for k, v in period.result().items()})
-    record["images_per_second"] = speed.period()
+    rates = speed.period()
+    record["images_per_second"] = rates["images_per_second"]
+    record["train_data_wait"] = round(rates["data_wait"], 4)
     if skipped:
         record["skipped_steps"] = skipped
     return record

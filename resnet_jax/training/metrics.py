@@ -36,30 +36,40 @@ class Mean:
 
 
 class Throughput:
-    """Images per second over windows of steps, and over all windows since the last
-    `period()`; time between `restart()` and the window before it (evaluation) not counted."""
+    """Images per second and the share of the time spent waiting for data (`data_wait`),
+    over windows of steps and over all windows since the last `period()`; time between
+    `restart()` and the window before it (evaluation, start-up) not counted."""
 
     def __init__(self, batch_size: int, step: int):
         self.batch_size = batch_size
-        self.images, self.seconds = 0, 0.0
+        self.images, self.seconds, self.waited_total = 0, 0.0, 0.0
         self.restart(step)
 
     def restart(self, step: int) -> None:
-        self.start, self.step = time.perf_counter(), step
+        self.start, self.step, self.waited = time.perf_counter(), step, 0.0
 
-    def window(self, step: int) -> float:
-        """The rate since the last window (or restart), which starts the next one."""
+    def wait(self, seconds: float) -> None:
+        """Count `seconds` the loop waited for the next batch."""
+        self.waited += seconds
+
+    def window(self, step: int) -> dict[str, float]:
+        """{"images_per_second", "data_wait"} since the last window (or restart), which
+        starts the next one."""
         now = time.perf_counter()
         images, seconds = (step - self.step) * self.batch_size, max(now - self.start, 1e-9)
         self.images, self.seconds = self.images + images, self.seconds + seconds
-        self.start, self.step = now, step
-        return images / seconds
+        self.waited_total += self.waited
+        out = {"images_per_second": images / seconds, "data_wait": min(self.waited / seconds, 1.0)}
+        self.start, self.step, self.waited = now, step, 0.0
+        return out
 
-    def period(self) -> float:
-        """The rate over the windows since the last call."""
-        rate = self.images / max(self.seconds, 1e-9)
-        self.images, self.seconds = 0, 0.0
-        return rate
+    def period(self) -> dict[str, float]:
+        """The same over the windows since the last call."""
+        seconds = max(self.seconds, 1e-9)
+        out = {"images_per_second": self.images / seconds,
+               "data_wait": min(self.waited_total / seconds, 1.0)}
+        self.images, self.seconds, self.waited_total = 0, 0.0, 0.0
+        return out
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

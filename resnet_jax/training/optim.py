@@ -1,16 +1,15 @@
 """Optimizers and learning-rate schedules built from the config (optax), with every
-duration already in steps (`config.durations`)."""
+duration already in steps (`durations.durations`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-if TYPE_CHECKING:
-    from resnet_jax.training.config import Durations
+from resnet_jax.training.durations import Durations
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
 SCHEDULES = ("constant", "piecewise", "cosine", "onecycle", "plateau")

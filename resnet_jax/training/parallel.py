@@ -1,4 +1,5 @@
-"""How the per-device steps run on devices: one device (`single`), `jax.pmap` over the
+"""How the per-device steps run on devices (`auto`: `single` on one device, `sharded` on
+several): one device (`single`), `jax.pmap` over the
 local devices (`pmap`), `jax.jit` of a `shard_map` over a device mesh (`sharded`), or
 AlexNet's two towers (`towers`): `jax.jit` of the global step on a (data, model) mesh, the
 state placed by `state_specs` and XLA's partitioner inserting the exchanges.
@@ -22,8 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-STRATEGIES = ("single", "pmap", "sharded", "towers")
+STRATEGIES = ("auto", "single", "pmap", "sharded", "towers")
 AXIS = "data"
+
+
+def resolve_strategy(name: str) -> str:
+    """The strategy that `parallel` = `name` runs: "auto" is `single` on one device of one
+    process and `sharded` (jit over a mesh of every device) on more; others are themselves."""
+    if name != "auto":
+        return name
+    return "single" if jax.process_count() == 1 and jax.device_count() == 1 else "sharded"
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -85,6 +94,7 @@ def make_strategy(name: str, make_train: Callable[[str | None], Callable],
     jit_eval = functools.partial(jax.jit, compiler_options=options("eval"))
     if name not in STRATEGIES:
         raise ValueError(f"parallel={name!r}; expected one of {STRATEGIES}")
+    name = resolve_strategy(name)
     if name == "single":
         if jax.process_count() > 1:
             raise ValueError("parallel='single' runs on one device of one process; use 'pmap' "

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.data.sources import DatasetInfo, Source, load_source
-from resnet_jax.data.transforms import center_crop, normalize, to_rgb
+from resnet_jax.data.transforms import center_crop
 from resnet_jax.training import experiment, metrics, selection
 from resnet_jax.training.checkpoint import Checkpointer, read_selected, selected_checkpoint
 from resnet_jax.training.config import run_config
@@ -129,9 +129,9 @@ class Run:
                            self.config.data_source, self.config.holdout_fraction,
                            self.config.seed)
 
-    def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """Raw uint8 images (N, H, W, C) as the model sees them: channels repeated to RGB
-        where the run did that, centre-cropped for variable-size datasets, normalised."""
+    def model_images(self, images: np.ndarray) -> np.ndarray:
+        """Raw uint8 images (N, H, W, C) at the model's input size, still uint8:
+        centre-cropped for variable-size datasets, checked against the run's shape."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images (N, H, W, C), got {images.dtype} "
@@ -142,13 +142,18 @@ class Run:
         elif images.shape[1:3] != shape[:2] or images.shape[-1] not in (1, shape[-1]):
             raise ValueError(f"images of shape {images.shape[1:]}; this run takes "
                              f"{self.info.image_shape}")
-        if images.shape[-1] != shape[-1]:
-            images = to_rgb(images)
-        return normalize(images, self.info.mean, self.info.std, self.info.channel_order)
+        return images
+
+    def preprocess(self, images: np.ndarray) -> np.ndarray:
+        """Raw uint8 images (N, H, W, C) as the model sees them (float32): cropped as
+        `model_images`, channels repeated to RGB where the run did that, normalised, on the
+        device as in the run's steps."""
+        return np.asarray(self._device_input(self.model_images(images)))
 
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Class probabilities (N, classes) for raw uint8 images of the dataset's shape."""
-        x = self.preprocess(images)
+        """Class probabilities (N, classes) for raw uint8 images of the dataset's shape
+        (normalised on the device, inside the jitted prediction)."""
+        x = self.model_images(images)
         size = batch_size or self.config.eval_batch_size
         out = [np.asarray(self._probabilities(self.variables, x[i:i + size]))
                for i in range(0, len(x), size)]
@@ -182,13 +187,19 @@ class Run:
     def _probabilities(self):
         options = experiment.jit_options(self.config)
         flip = self.config.get("eval_flip", False)
-        return jax.jit(lambda v, x: jax.nn.softmax(eval_logits(self.model, v, x, flip)),
+        prepare = experiment.device_input(self.config, train=False)
+        return jax.jit(lambda v, x: jax.nn.softmax(eval_logits(self.model, v, prepare(x), flip)),
                        compiler_options=options("eval") if options else None)
+
+    @functools.cached_property
+    def _device_input(self):
+        return jax.jit(experiment.device_input(self.config, train=False))
 
     @functools.cached_property
     def _eval_step(self):
         step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss),
-                              flip=self.config.get("eval_flip", False))
+                              flip=self.config.get("eval_flip", False),
+                              preprocess=experiment.device_input(self.config, train=False))
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
 

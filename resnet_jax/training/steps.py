@@ -40,7 +40,7 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
                     loss_fn: Loss, axis_name: str | None = None,
                     skip_nonfinite: bool = False, frozen_backbone: bool = False,
                     accumulate: int = 1, mix: tuple[float, float] = (0.0, 0.0),
-                    ema: tuple[float, bool] = (0.0, True)
+                    ema: tuple[float, bool] = (0.0, True), preprocess: Callable | None = None
                     ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, Metrics]]:
     """train_step(state, batch, rng) -> (state, metrics) for `model`, optimizer `tx` and
     per-example `loss_fn(logits, labels)`.
@@ -70,6 +70,11 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
     moves to `decay * ema + (1 - decay) * new` each step; with warm-up the decay is
     min(decay, (1 + t) / (10 + t)) at the t-th update (tf.train.ExponentialMovingAverage's
     num_updates), so the average is not held at the random initialisation early on.
+
+    `preprocess(images, key, first_index)` (`data.on_device.DeviceInput`) turns the batch's
+    uint8 images into the model's input on the device, before mixing; its key is
+    `fold_in(fold_in(rng, step), 2**21)`, the same on every device, and `first_index` is
+    the device's first example in the global batch.
     """
     mixing = mix[0] > 0 or mix[1] > 0
     if accumulate < 1:
@@ -124,11 +129,15 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
         return (loss_sum / accumulate, hit_sum / accumulate, stats), grads
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        key = jax.random.fold_in(rng, state.step)
+        key = base = jax.random.fold_in(rng, state.step)
         if axis_name:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
+        images = batch["image"]
+        if preprocess is not None:
+            first = lax.axis_index(axis_name) * images.shape[0] if axis_name else 0
+            images = preprocess(images, jax.random.fold_in(base, 1 << 21), first)
         images, labels, partners, lam = mix_batch(
-            jax.random.fold_in(key, 1 << 20), batch["image"], batch["label"], *mix)
+            jax.random.fold_in(key, 1 << 20), images, batch["label"], *mix)
         compute = accumulated if accumulate > 1 else gradients
         (loss, accuracy, batch_stats), grads = compute(
             state.params, state.batch_stats, images, (labels, partners, lam), key)
@@ -191,15 +200,18 @@ def eval_logits(model, variables, images: jax.Array, flip: bool = False) -> jax.
 
 
 def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None,
-                   flip: bool = False) -> Callable[[TrainState, dict], Metrics]:
+                   flip: bool = False, preprocess: Callable | None = None
+                   ) -> Callable[[TrainState, dict], Metrics]:
     """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch: loss,
     top-1 and top-5 hits (`accuracy`, `top5_accuracy`), `count`, and the `confusion` matrix
     (true x predicted). Every key but those two is a sum to divide by the count. `flip`:
-    predictions from each image and its mirror image (`eval_logits`)."""
+    predictions from each image and its mirror image (`eval_logits`). `preprocess(images)`
+    turns uint8 images into the model's input on the device."""
 
     def eval_step(state: TrainState, batch: dict) -> Metrics:
+        images = preprocess(batch["image"]) if preprocess is not None else batch["image"]
         logits = eval_logits(model, {"params": state.params, "batch_stats": state.batch_stats},
-                             batch["image"], flip)
+                             images, flip)
         mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
         labels = batch["label"]
         predicted = jnp.argmax(logits, -1)

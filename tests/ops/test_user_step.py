@@ -31,6 +31,7 @@ def test_a_users_step_with_the_cpu_layers_calls_the_kernels():
         assert target in hlo
 
 
+@pytest.mark.slow
 def test_the_user_step_benchmark_writes_both_sides_and_their_ratio(tmp_path):
     from experiments import benchmark
 
