@@ -1,12 +1,17 @@
-"""Convert published (or your own) torchvision / Keras weights into a resnet_jax checkpoint.
+"""Convert published (or your own) torchvision / Keras / timm weights into a resnet_jax
+checkpoint.
 
-    python -m experiments.convert_weights --source torchvision --model resnet50 \
+    python -m experiments.convert_weights --from torchvision --model resnet50 \
         --input resnet50-0676ba61.pth --output weights/resnet50_v1
+    python -m experiments.convert_weights --from timm --input hf-hub:timm/resnet50.a1_in1k \
+        --output weights/resnet50_a1
     python -m experiments.convert_weights --source keras --model keras_resnet50 \
         --input resnet50_weights_tf_dim_ordering_tf_kernels.h5 --output weights/keras_resnet50
 
 Inputs: `.pth`/`.pt` (needs torch), `.npz`, `.safetensors` (torchvision names), `.h5` (Keras:
-the legacy file keras.applications downloads, or a Keras 3 `.weights.h5`). A file named as a
+the legacy file keras.applications downloads, or a Keras 3 `.weights.h5`); timm: a directory
+with model.safetensors + config.json, or `hf-hub:ORG/NAME` from the local Hugging Face cache
+(never downloaded; `--model` is read from config.json). A file named as a
 published one must have its published hash (torchvision: SHA-256 prefix; Keras: MD5);
 `conversion.json` records the file's SHA-256, the registry entry (preprocessing, parameter
 count, published top-1) and the parameter count of the result. Train from it with
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import jax
@@ -28,7 +34,17 @@ def convert_file(source: str, model: str, path: str) -> tuple[dict, dict]:
     from resnet_jax.convert import keras as keras_convert
     from resnet_jax.convert import torchvision as tv_convert
 
-    known = files.identify(path)
+    if source == "timm":
+        from resnet_jax.convert import timm as timm_convert
+
+        variables, info = timm_convert.load(path)
+        if model and model != info["model"]:
+            raise ValueError(f"{path} holds {info['model']} weights, not {model}")
+        params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables["params"]))
+        weights = os.path.join(info["directory"], timm_convert.WEIGHTS_FILE)
+        return variables, {**info, "params": params, "published": None,
+                           "sha256": files.sha256(weights)}
+    known = files.identify(path) if os.path.isfile(path) else None
     if known is not None and known[1]["source"] != source:
         raise ValueError(f"{path} is a published {known[1]['source']} file, not {source}")
     if known is not None and known[1]["model"] != model:
@@ -40,7 +56,7 @@ def convert_file(source: str, model: str, path: str) -> tuple[dict, dict]:
             raise ValueError(f"{path}: Keras weights are read from .h5 files")
         variables = keras_convert.convert(files.read_keras_h5(path), model)
     else:
-        raise ValueError(f"source={source!r}; expected 'torchvision' or 'keras'")
+        raise ValueError(f"source={source!r}; expected 'torchvision', 'keras' or 'timm'")
     params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(variables["params"]))
     info = {"source": source, "model": model, "input": path, "sha256": files.sha256(path),
             "params": params, "published": known[1] if known else None,
@@ -57,15 +73,19 @@ def convert_file(source: str, model: str, path: str) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, choices=("torchvision", "keras"))
-    parser.add_argument("--model", required=True, help="registry model, e.g. resnet50, "
-                        "alexnet_owt, keras_resnet50")
-    parser.add_argument("--input", required=True, help=".pth, .pt, .npz, .safetensors or .h5")
+    parser.add_argument("--from", "--source", dest="source", required=True,
+                        choices=("torchvision", "keras", "timm"))
+    parser.add_argument("--model", default="", help="registry model, e.g. resnet50, "
+                        "alexnet_owt, keras_resnet50 (timm: read from config.json)")
+    parser.add_argument("--input", required=True, help=".pth, .pt, .npz, .safetensors or .h5; "
+                        "timm: a directory or hf-hub:ORG/NAME")
     parser.add_argument("--output", required=True, help="directory for the orbax checkpoint")
     args = parser.parse_args(argv)
     from resnet_jax.convert import ConversionError
     from resnet_jax.training.transfer import save_variables
 
+    if args.source != "timm" and not args.model:
+        parser.error(f"--model is required with --from {args.source}")
     try:
         variables, info = convert_file(args.source, args.model, args.input)
     except (ValueError, ConversionError, FileNotFoundError) as err:

@@ -52,7 +52,7 @@ fi
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "tf" ]; then
   "$VENV/bin/python" -m pip install --quiet -r requirements-test.txt
 elif [ "${1:-}" = "test-no-torch" ]; then
-  grep -v -E '^(torch|torchvision)==|^-r requirements-bench.txt' requirements-test.txt \
+  grep -v -E '^(torch|torchvision|timm)==|^-r requirements-bench.txt' requirements-test.txt \
     > "$VENV/requirements-test-no-torch.txt"
   "$VENV/bin/python" -m pip install --quiet -r "$VENV/requirements-test-no-torch.txt"
 fi

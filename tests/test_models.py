@@ -24,6 +24,11 @@ PAPER_COUNTS = {
 }
 DEEP = {"resnet101", "resnet152", "preact_resnet101", "preact_resnet152", "cifar_resnet110",
         "preact_resnet110", "preact_resnet164"}
+# The deeper members of timm's families: the same code as their 26/50-layer members (only
+# stage sizes differ), traced at their natural size by the parameter-count test
+# (tests/test_timm.py, jax.eval_shape of init); 47 s of forward passes at 224 left out here.
+SAME_CODE_AS_SHALLOWER = {"resnet101d", "resnet152d", "wide_resnet101_2", "resnext101_32x8d",
+                          "resnext101_64x4d"}
 OTHER_SHAPE = {(224, 224, 3): (97, 113, 1), (32, 32, 3): (28, 28, 1), (28, 28, 1): (40, 36, 3)}
 
 
@@ -102,7 +107,8 @@ def _forward_shapes(name):
         chex.assert_tree_all_finite(logits)
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in DEEP])
+@pytest.mark.parametrize("name", [n for n in list_models()
+                                  if n not in DEEP | SAME_CODE_AS_SHALLOWER])
 def test_model_gives_logits_on_natural_and_other_input_size(name):
     _forward_shapes(name)
 

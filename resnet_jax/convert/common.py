@@ -18,10 +18,13 @@ class ConversionError(ValueError):
     """A source tensor is missing, left over, or of the wrong shape."""
 
 
-def expected_variables(model_name: str, num_classes: int, **overrides) -> dict[str, Any]:
-    """{"params": ..., "batch_stats": ...} of ShapeDtypeStructs for the registry model."""
+def expected_variables(model_name: str, num_classes: int, channels: int = 0,
+                       **overrides) -> dict[str, Any]:
+    """{"params": ..., "batch_stats": ...} of ShapeDtypeStructs for the registry model (for
+    input of `channels` channels; 0: the model's own)."""
     model = get_model(model_name, num_classes=num_classes, **overrides)
     shape = get_spec(model_name).input_shape
+    shape = (*shape[:-1], channels or shape[-1])
     variables = jax.eval_shape(
         lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
                            jnp.zeros((1, *shape), jnp.float32)))
@@ -61,5 +64,40 @@ def assemble(expected: Mapping, rules: Mapping[tuple[str, ...], Rule],
     return unflatten_dict(out)
 
 
+def input_channels(variables: Mapping[str, Any]) -> int:
+    """The input channels of a ResNet's or AlexNet's first convolution in `variables`."""
+    params = variables["params"]
+    first = next(params[k] for k in ("stem_conv1", "conv1") if k in params)
+    return int(np.shape(first["kernel"])[2])
+
+
 def identity(a: np.ndarray) -> np.ndarray:
     return a
+
+
+identity.inverse = identity
+
+
+def disassemble(variables: Mapping, expected: Mapping, rules: Mapping[tuple[str, ...], Rule],
+                what: str = "variables") -> dict[str, np.ndarray]:
+    """The source-layout state_dict of `variables`: the inverse of `assemble` (each rule's
+    transform has an `inverse`), float32, plus `num_batches_tracked` (0, int64) for every
+    BatchNorm, which PyTorch's strict loading asks for. Errors name a missing or misshapen
+    leaf."""
+    have = flatten_dict(unfreeze({k: variables.get(k, {}) for k in ("params", "batch_stats")}))
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in flatten_dict(unfreeze(expected)).items():
+        if path not in have:
+            raise ConversionError(f"{what} lack {'/'.join(path)}")
+        value = np.asarray(have[path], dtype=np.float32)
+        if value.shape != tuple(leaf.shape):
+            raise ConversionError(f"{what}: {'/'.join(path)} has shape {value.shape}, the model "
+                                  f"needs {tuple(leaf.shape)}")
+        name, transform = rules[path]
+        out[name] = np.ascontiguousarray(transform.inverse(value))
+    extra = sorted("/".join(p) for p in have if p not in flatten_dict(unfreeze(expected)))
+    if extra:
+        raise ConversionError(f"{what} have {extra[0]}, which the model has no place for")
+    for name in [n for n in out if n.endswith(".running_var")]:
+        out[name[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    return out

@@ -1,5 +1,6 @@
-"""torchvision weights (a `state_dict` as NumPy arrays) for resnet18/34/50/101/152 and
-`alexnet_owt` (torchvision's `alexnet`).
+"""torchvision weights (a `state_dict` as NumPy arrays) for resnet18/34/50/101/152, the wide
+ResNets, ResNeXt and `alexnet_owt` (torchvision's `alexnet`), both ways: `convert` reads
+them, `export` writes a state_dict that torchvision's model loads with `strict=True`.
 
 Conventions handled: convolution weights OIHW -> HWIO; dense weights (out, in) -> (in, out);
 AlexNet's fc6 input flattened in (C, H, W) order by torchvision and in (H, W, C) here;
@@ -20,9 +21,18 @@ import numpy as np
 
 from flax.traverse_util import flatten_dict
 
-from resnet_jax.convert.common import ConversionError, Rule, assemble, expected_variables, identity
+from resnet_jax.convert.common import (
+    ConversionError,
+    Rule,
+    assemble,
+    disassemble,
+    expected_variables,
+    identity,
+    input_channels,
+)
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+           "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 MODELS = RESNETS + ("alexnet_owt",)
 ALEXNET_CONVS = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10}
 ALEXNET_DENSE = {"fc6": 1, "fc7": 4, "fc8": 6}
@@ -32,8 +42,16 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w, (2, 3, 1, 0))
 
 
+def conv_kernel_back(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (3, 2, 0, 1))
+
+
 def dense_kernel(w: np.ndarray) -> np.ndarray:
     return np.transpose(w)
+
+
+conv_kernel.inverse = conv_kernel_back
+dense_kernel.inverse = dense_kernel  # a transpose is its own inverse
 
 
 def _fc6_kernel(channels: int, size: int):
@@ -41,6 +59,12 @@ def _fc6_kernel(channels: int, size: int):
         out = w.shape[0]
         return (w.reshape(out, channels, size, size).transpose(2, 3, 1, 0)
                 .reshape(size * size * channels, out))
+
+    def back(w: np.ndarray) -> np.ndarray:
+        out = w.shape[1]
+        return (w.reshape(size, size, channels, out).transpose(3, 2, 0, 1)
+                .reshape(out, channels * size * size))
+    convert.inverse = back
     return convert
 
 
@@ -66,14 +90,16 @@ def torchvision_name(path: tuple[str, ...]) -> str:
     return head
 
 
-def resnet_rules(expected: Mapping) -> dict[tuple[str, ...], Rule]:
+def resnet_rules(expected: Mapping, name_of=torchvision_name) -> dict[tuple[str, ...], Rule]:
+    """(source name, transform) of every leaf of a ResNet's variables; `name_of` gives the
+    source's module name for a module path of this zoo."""
     rules: dict[tuple[str, ...], Rule] = {}
     for path in flatten_dict(expected):
         collection, *module, leaf = path
         if module == ["fc"]:
             rules[path] = ("fc.weight", dense_kernel) if leaf == "kernel" else ("fc.bias", identity)
             continue
-        name = torchvision_name(tuple(module))
+        name = name_of(tuple(module))
         if leaf == "kernel":
             rules[path] = (f"{name}.weight", conv_kernel)
         else:
@@ -117,6 +143,18 @@ def convert(state_dict: Mapping[str, Any], model_name: str) -> dict[str, Any]:
                          ignore=lambda k: k.endswith("num_batches_tracked"))
     variables.setdefault("batch_stats", {})
     return variables
+
+
+def export(variables: Mapping[str, Any], model_name: str) -> dict[str, np.ndarray]:
+    """The state_dict (names -> NumPy arrays) that torchvision's `model_name` loads with
+    `strict=True`: the inverse of `convert`, with BatchNorm's `num_batches_tracked` at 0."""
+    if model_name not in MODELS:
+        raise ValueError(f"model_name={model_name!r}; torchvision layouts exist for {MODELS}")
+    head = "fc8" if model_name == "alexnet_owt" else "fc"
+    expected = expected_variables(model_name, int(np.shape(variables["params"][head]["bias"])[0]),
+                                  input_channels(variables))
+    rules = alexnet_rules(expected) if model_name == "alexnet_owt" else resnet_rules(expected)
+    return disassemble(variables, expected, rules)
 
 
 def _numpy(value: Any) -> np.ndarray:

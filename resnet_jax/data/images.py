@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+INTERPOLATIONS = ("bilinear", "bicubic")  # the resize filters of decoded images
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
 
@@ -32,12 +33,25 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
     return None
 
 
-def center_crop_box(height: int, width: int, crop_fraction: float = 0.875) -> Box:
+def center_crop_box(height: int, width: int, crop_fraction: float = 0.875,
+                    size: int = 0) -> Box:
     """The central square covering `crop_fraction` of the shorter side: the same pixels as
-    resizing the shorter side to size / crop_fraction and cutting the central size x size."""
-    side = min(height, width) * crop_fraction
-    top, left = (height - side) / 2, (width - side) / 2
-    return (left, top, left + side, top + side)
+    resizing the shorter side to size / crop_fraction and cutting the central size x size.
+    Given the output `size`, exactly the box of torchvision's and timm's evaluation
+    transform (Resize(floor(size / crop_fraction)), then CenterCrop(size), their roundings
+    included), in the image's pixels."""
+    if not size:
+        side = min(height, width) * crop_fraction
+        top, left = (height - side) / 2, (width - side) / 2
+        return (left, top, left + side, top + side)
+    short = math.floor(size / crop_fraction + 1e-6)
+    if height <= width:
+        new_h, new_w = short, int(short * width / height)
+    else:
+        new_h, new_w = int(short * height / width), short
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    sy, sx = height / new_h, width / new_w
+    return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
 def open_image(data: bytes, where: str):
@@ -78,11 +92,17 @@ def _decode_jpeg(data: bytes, where: str, box_of, size: int, channels: int):
 
 
 def crop_resize(data: bytes, where: str, size: int, choose_box, flip: bool = False,
-                channels: int = 3) -> np.ndarray:
-    """The region `choose_box(height, width)` of the encoded image, resized to size x size
-    (bilinear, OpenCV's INTER_LINEAR: half-pixel centres, no antialiasing, as
-    tf.image.resize), optionally mirrored: uint8 (size, size, channels)."""
+                channels: int = 3, interpolation: str = "bilinear") -> np.ndarray:
+    """The region `choose_box(height, width)` of the encoded image, resized to size x size,
+    optionally mirrored: uint8 (size, size, channels). 'bilinear': OpenCV's INTER_LINEAR of
+    the region (half-pixel centres, no antialiasing, as tf.image.resize); 'bicubic': PIL's
+    antialiased bicubic of the box within the whole decoded image, as timm's and
+    torchvision's evaluation transforms resize (pixels beyond the box feed its edges)."""
     import cv2
+
+    flag = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}.get(interpolation)
+    if flag is None:
+        raise ValueError(f"interpolation={interpolation!r}; expected one of {INTERPOLATIONS}")
 
     array = None
     if _is_jpeg(data):
@@ -97,12 +117,23 @@ def crop_resize(data: bytes, where: str, size: int, choose_box, flip: bool = Fal
         elif channels == 1 and array.shape[-1] == 3:
             array = cv2.cvtColor(array, cv2.COLOR_RGB2GRAY)
         box = choose_box(array.shape[0], array.shape[1])
-    left, top, right, bottom = (int(round(v)) for v in box)
-    region = array[max(0, top):max(top + 1, bottom), max(0, left):max(left + 1, right)]
-    out = cv2.resize(region, (size, size), interpolation=cv2.INTER_LINEAR)
+    if interpolation == "bicubic":
+        out = _pil_resize(array, box, size)
+    else:
+        left, top, right, bottom = (int(round(v)) for v in box)
+        region = array[max(0, top):max(top + 1, bottom), max(0, left):max(left + 1, right)]
+        out = cv2.resize(region, (size, size), interpolation=flag)
     if out.ndim == 2:
         out = out[..., None]
     return out[:, ::-1] if flip else out
+
+
+def _pil_resize(array: np.ndarray, box: Box, size: int) -> np.ndarray:
+    from PIL import Image
+
+    squeeze = array.ndim == 3 and array.shape[-1] == 1
+    image = Image.fromarray(array[..., 0] if squeeze else array)
+    return np.asarray(image.resize((size, size), Image.BICUBIC, box=tuple(float(v) for v in box)))
 
 
 def decode(data: bytes, where: str) -> np.ndarray:

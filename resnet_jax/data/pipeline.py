@@ -56,7 +56,13 @@ def _local_batch(global_batch: int, process_index: int, process_count: int) -> i
 @dataclasses.dataclass
 class TrainPositions:
     """Local example j of this process -> the example index and the random draws of its
-    place in the global batch: {"index", "offset", "flip", "seed"}."""
+    place in the global batch: {"index", "offset", "flip", "seed"}.
+
+    With `repeats` r > 1 (repeated augmentation, Hoffer et al. 2020, as DeiT and timm train):
+    each global batch holds m = ceil(B/r) images of the epoch's permutation, each r times (the
+    last copies cut where r does not divide B), at places m apart, so that its copies fall
+    on different devices (all of them when there are at least r), each copy with its own
+    random draws. An epoch keeps its number of steps and sees about 1/r of its permutation."""
 
     num_examples: int
     global_batch: int
@@ -64,14 +70,25 @@ class TrainPositions:
     process_index: int
     seed: int
     pad: int  # pad-and-crop margin of in-memory images (0: none)
+    repeats: int = 1
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not 1 <= self.repeats <= self.global_batch:
+            raise ValueError(f"num_repeats={self.repeats}: expected 1 to the global batch "
+                             f"{self.global_batch}")
 
     def _epoch(self, epoch: int) -> np.ndarray:
         key = ("perm", epoch)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if k[0] != "perm"}
-            self._cache[key] = np.random.default_rng([self.seed, epoch]).permutation(
-                self.num_examples)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            if self.repeats > 1:
+                b, m = self.global_batch, -(-self.global_batch // self.repeats)
+                steps = self.num_examples // b
+                order = np.tile(order[:steps * m].reshape(steps, 1, m),
+                                (1, self.repeats, 1)).reshape(steps, -1)[:, :b].reshape(-1)
+            self._cache[key] = order
         return self._cache[key]
 
     def _draws(self, epoch: int, batch: int):
@@ -176,8 +193,9 @@ class DecodeCrop:
     """Encoded images, decoded at a reduced scale where the crop allows. Training crops by
     `augment`: 'inception' (random-resized crop and flip), or the evaluation crop followed by
     'flip' or 'crop_flip' (zero-pad by `pad`, crop back at the drawn offset, mirror) or
-    nothing ('none'). The evaluation crop is the central 87.5% resized to `size`, or the
-    whole image when it is `size` x `size` already (a CIFAR-style folder). A corrupt image
+    nothing ('none'). The evaluation crop is the central `crop_pct` of the shorter side
+    resized to `size` (with `interpolation`, as every crop), or the whole image when it is
+    `size` x `size` already (a CIFAR-style folder). A corrupt image
     stops the run with its path, or with `skip_corrupt` is replaced: in training by the next
     readable example, in evaluation by a masked-out blank."""
 
@@ -189,11 +207,13 @@ class DecodeCrop:
     ops: transforms.ImageOps = transforms.ImageOps()  # per-image random operations (train)
     augment: str = "inception"  # of training
     pad: int = 0  # crop_flip's margin
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
 
     def _eval_box(self, height: int, width: int):
         if height == width == self.size:
             return (0, 0, width, height)
-        return images.center_crop_box(height, width)
+        return images.center_crop_box(height, width, self.crop_pct, self.size)
 
     def _load(self, index: int, draws: dict[str, Any] | None) -> tuple[np.ndarray, Any]:
         item = self.source[index]
@@ -207,7 +227,7 @@ class DecodeCrop:
         elif draws is not None and self.augment == "flip":
             flip = bool(draws["flip"])
         image = images.crop_resize(item["data"], item["where"], self.size, box, flip,
-                                   self.channels)
+                                   self.channels, self.interpolation)
         if draws is not None and self.augment == "crop_flip":  # as in memory: pad, crop, flip
             image = transforms.pad_crop_flip(image[None], np.asarray(draws["offset"])[None],
                                              np.asarray([bool(draws["flip"])]), self.pad)[0]
@@ -293,10 +313,45 @@ class _Pipeline:
         self._iterator.set_state(state)
 
     def close(self) -> None:
-        closer = getattr(self._iterator, "close", None)
-        if closer is not None:
-            closer()
+        if getattr(self._iterator, "close", None) is not None:
+            close_grain(self._iterator)
         self._release()
+
+
+_NOT_STARTED = "cannot join thread before it is started"
+
+
+def close_grain(iterator) -> None:
+    """grain's close of an iterator and everything below it. Where close meets grain's own
+    race (a worker's prefetch thread that another grain thread has created but not yet
+    started: "cannot join thread before it is started", seen with 8 workers closed after
+    two steps), the rest is closed once that thread has started, so that no worker process
+    or shared memory is left behind."""
+    try:
+        iterator.close()
+    except RuntimeError as err:
+        if _NOT_STARTED not in str(err):
+            raise
+        _close_tree(iterator, set())
+
+
+def _close_tree(node, seen: set) -> None:
+    if node is None or id(node) in seen:
+        return
+    seen.add(id(node))
+    for _ in range(200):  # the racing thread starts within microseconds
+        try:
+            node.close()
+            break
+        except RuntimeError as err:
+            if _NOT_STARTED not in str(err):
+                raise
+            time.sleep(0.01)
+    # grain's private links to what is below: parents, an interleave's iterators in use
+    below = [*getattr(node, "_parents", ()), *(getattr(node, "_iterators_in_use", None) or ()),
+             getattr(node, "_prefetch_ds_iter", None)]
+    for child in below:
+        _close_tree(child, seen)
 
 
 def _with_workers(dataset, workers: int, threads: int, image_bytes: int = 0) -> _Pipeline:
@@ -343,9 +398,10 @@ def _init_worker(index: int, count: int) -> None:
 
 def _example_transform(source, info: DatasetInfo, train: bool, augment: str, image_size,
                        skip_corrupt: bool, channels: int,
-                       ops: transforms.ImageOps = transforms.ImageOps()):
+                       ops: transforms.ImageOps = transforms.ImageOps(),
+                       crop: tuple[float, str] = (0.875, "bilinear")):
     return DecodeCrop(source, image_size or 224, train, skip_corrupt, channels,
-                      ops if train else transforms.ImageOps(), augment, _pad(info))
+                      ops if train else transforms.ImageOps(), augment, _pad(info), *crop)
 
 
 def _pad(info: DatasetInfo) -> int:
@@ -358,7 +414,8 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
                   state: dict | None = None, skip_corrupt: bool = False, channels: int = 3,
                   end_step: int | None = None, threads: int | None = None,
                   policy: str = "", policy_ops: int = 2,
-                  policy_magnitude: int = 9):
+                  policy_magnitude: int = 9, interpolation: str = "bilinear",
+                  repeats: int = 1):
     """Training batches from `start_step` on (or from grain iterator `state`): an iterator of
     {'image': uint8, 'label': int32[, 'corrupt': per-example count of unreadable files
     replaced]} with `get_state()`; the steps normalise the images on the device
@@ -367,7 +424,8 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
     Endless unless `end_step` is given. `workers` processes decode and augment (0: in this
     process); the batches and their order do not depend on it. After the crop and flip, each
     image gets the automatic augmentation `policy` ('rand_augment': `policy_ops` operations
-    at bin `policy_magnitude` of 31; 'trivial_augment_wide').
+    at bin `policy_magnitude` of 31; 'trivial_augment_wide'). Decoded images are resized
+    with `interpolation`. `repeats` > 1: repeated augmentation (`TrainPositions`).
     """
     augment = info.augment if augment is None else augment
     if augment not in transforms.AUGMENTATIONS:
@@ -375,12 +433,13 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
     steps_per_epoch(len(source), global_batch)  # at least one full batch
     local = _local_batch(global_batch, process_index, process_count)
     positions = TrainPositions(len(source), global_batch, local, process_index, seed,
-                               _pad(info) if augment == "crop_flip" else 0)
+                               _pad(info) if augment == "crop_flip" else 0, repeats)
     stop = end_step if end_step is not None else 2**62 // global_batch
     dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
                                    skip_corrupt, channels, local, stop,
                                    transforms.ImageOps(policy, policy_ops,
-                                                       policy_magnitude))
+                                                       policy_magnitude),
+                                   (0.875, interpolation))
     if state is None and start_step:
         dataset = dataset[start_step:]
     iterator = _with_workers(dataset, workers, _threads(source, threads),
@@ -411,7 +470,8 @@ DECODE_THREADS = 2
 
 def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augment: str,
                          image_size, skip_corrupt: bool, channels: int, local: int, n: int,
-                         ops: transforms.ImageOps = transforms.ImageOps()):
+                         ops: transforms.ImageOps = transforms.ImageOps(),
+                         crop: tuple[float, str] = (0.875, "bilinear")):
     """The grain MapDataset of n local uint8 batches, one element per step.
 
     In-memory images are gathered and augmented a batch at a time, vectorised (ArrayBatch);
@@ -426,20 +486,22 @@ def _examples_to_batches(positions, source, info: DatasetInfo, train: bool, augm
             ArrayBatch(positions, source, augment if train else "none", _pad(info),
                        ops if train else transforms.ImageOps()))
     transform = _example_transform(source, info, train, augment, image_size, skip_corrupt,
-                                   channels, ops)
+                                   channels, ops, crop)
     return grain.MapDataset.range(0, n).map(DecodeBatch(positions, transform, local, not train))
 
 
 def eval_batches(source, info: DatasetInfo, global_batch: int, image_size: int | None = None,
                  process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 skip_corrupt: bool = False, channels: int = 3, threads: int | None = None
-                 ) -> Iterator[Batch]:
-    """Every example once, in order; the last batch is zero-padded with mask 0."""
+                 skip_corrupt: bool = False, channels: int = 3, threads: int | None = None,
+                 crop_pct: float = 0.875, interpolation: str = "bilinear") -> Iterator[Batch]:
+    """Every example once, in order; the last batch is zero-padded with mask 0. Decoded
+    images are the central `crop_pct` of their shorter side, resized with `interpolation`."""
     local = _local_batch(global_batch, process_index, process_count)
     n_batches = -(-len(source) // global_batch)
     dataset = _examples_to_batches(
         EvalPositions(len(source), global_batch, local, process_index), source, info, False,
-        "none", image_size, skip_corrupt, channels, local, n_batches)
+        "none", image_size, skip_corrupt, channels, local, n_batches,
+        crop=(crop_pct, interpolation))
     iterator = _with_workers(dataset, workers, _threads(source, threads),
                              _image_bytes(source, image_size, channels, local))
     try:

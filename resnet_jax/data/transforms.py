@@ -95,12 +95,14 @@ class ImageOps:
         return image
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def _resize(image: np.ndarray, size: tuple[int, int], interpolation: str = "bilinear"
+            ) -> np.ndarray:
     from PIL import Image
 
     squeeze = image.shape[-1] == 1
     pil = Image.fromarray(image[..., 0] if squeeze else image)
-    out = np.asarray(pil.resize((size[1], size[0]), Image.BILINEAR))
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+    out = np.asarray(pil.resize((size[1], size[0]), resample))
     return out[..., None] if squeeze else out
 
 
@@ -117,11 +119,13 @@ def random_resized_crop(rng: np.random.Generator, image: np.ndarray, size: int,
     return _resize(image[top:bottom, left:right], (size, size))
 
 
-def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875) -> np.ndarray:
-    """Resize the shorter side to size / crop_fraction, then take the central size x size."""
+def center_crop(image: np.ndarray, size: int, crop_fraction: float = 0.875,
+                interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the shorter side to size / crop_fraction (PIL, antialiased), then take the
+    central size x size."""
     h, w = image.shape[:2]
     short = int(round(size / crop_fraction))
     nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-    image = _resize(image, (nh, nw))
+    image = _resize(image, (nh, nw), interpolation)
     top, left = (nh - size) // 2, (nw - size) // 2
     return image[top:top + size, left:left + size]

@@ -62,6 +62,34 @@ for _depth, (_stages, _block) in _V1_STAGES.items():
         PreActResNet, dict(stage_sizes=_stages, block=_block), IMAGENET, 1000,
         f"Pre-activation ResNet-{_depth} v2 (He et al. 2016)",
     )
+# "Bag of Tricks" (He et al. 2019): resnet50 above is ResNet-B (stride on the 3x3);
+# C adds the deep 3x3 stem, D also the average-pooled shortcut; timm's names and stages.
+_D_STAGES = {**_V1_STAGES, 26: ((2, 2, 2, 2), "bottleneck")}
+for _depth, (_stages, _block) in _D_STAGES.items():
+    _REGISTRY[f"resnet{_depth}d"] = ModelSpec(
+        ResNet, dict(stage_sizes=_stages, block=_block, stem="deep", shortcut="avg_pool"),
+        IMAGENET, 1000,
+        f"ResNet-{_depth}-D (He et al. 2019, 'Bag of Tricks'): deep 3x3 stem, average-pooled "
+        "projection shortcuts; timm's resnet{_depth}d".replace("{_depth}", str(_depth)),
+    )
+_REGISTRY["resnet50c"] = ModelSpec(
+    ResNet, dict(stage_sizes=(3, 4, 6, 3), block="bottleneck", stem="deep"), IMAGENET, 1000,
+    "ResNet-50-C (He et al. 2019): deep 3x3 stem, projection shortcuts; timm's resnet50c",
+)
+# Wide ResNets (Zagoruyko & Komodakis 2016) and ResNeXt (Xie et al. 2017) as torchvision
+# and timm build them: the bottleneck's inner width and the 3x3's groups.
+for _name, _depth, _groups, _width in (("wide_resnet50_2", 50, 1, 128),
+                                       ("wide_resnet101_2", 101, 1, 128),
+                                       ("resnext50_32x4d", 50, 32, 4),
+                                       ("resnext101_32x8d", 101, 32, 8),
+                                       ("resnext101_64x4d", 101, 64, 4)):
+    _REGISTRY[_name] = ModelSpec(
+        ResNet, dict(stage_sizes=_V1_STAGES[_depth][0], block="bottleneck", groups=_groups,
+                     width_per_group=_width), IMAGENET, 1000,
+        (f"Wide ResNet-{_depth}-2: bottleneck 3x3 twice as wide" if _groups == 1 else
+         f"ResNeXt-{_depth} {_groups}x{_width}d: {_groups} groups of {_width} channels "
+         "in the first stage's 3x3") + " (torchvision's and timm's name)",
+    )
 for _depth in (20, 32, 44, 56, 110):
     _REGISTRY[f"cifar_resnet{_depth}"] = ModelSpec(
         ResNet, _cifar((_depth - 2) // 6, shortcut="zero_pad"), CIFAR, 10,
@@ -161,6 +189,22 @@ def get_model(name: str, num_classes: int | None = None, **overrides: Any) -> nn
     return spec.cls(**fields)
 
 
+def get_nnx_model(name: str, rngs: Any = None, num_classes: int | None = None,
+                  input_shape: tuple[int, int, int] | None = None, **overrides: Any) -> Any:
+    """Registered model `name` as a `flax.nnx` module (`flax.nnx.bridge`), initialised for
+    `input_shape` (default: the model's) from `rngs` (an `nnx.Rngs`; give it a `dropout`
+    stream for stochastic depth or dropout in training; default `nnx.Rngs(0)`). Its outputs
+    are the linen model's with the same variables; `model(x, train=True)` updates its batch
+    statistics."""
+    from flax import nnx
+
+    from resnet_jax.models.nnx_bridge import nnx_model
+
+    linen = get_model(name, num_classes=num_classes, **overrides)
+    return nnx_model(linen, input_shape or get_spec(name).input_shape,
+                     rngs if rngs is not None else nnx.Rngs(0))
+
+
 __all__ = [
     "LAYER_FIELDS",
     "AlexNet",
@@ -169,6 +213,7 @@ __all__ = [
     "PreActResNet",
     "ResNet",
     "get_model",
+    "get_nnx_model",
     "get_spec",
     "list_models",
     "local_response_norm",

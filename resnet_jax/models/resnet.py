@@ -1,5 +1,8 @@
 """Residual networks: ResNet v1/v1.5 (He et al. 2015), the CIFAR 6n+2 nets of the same
-paper, and the pre-activation ResNet v2 (He et al. 2016, "Identity Mappings").
+paper, the pre-activation ResNet v2 (He et al. 2016, "Identity Mappings"), the B/C/D
+variants of "Bag of Tricks" (He et al. 2019: stride on the 3x3, a deep 3x3 stem, an
+average-pooled projection shortcut), wide ResNets (Zagoruyko & Komodakis 2016) and ResNeXt
+(Xie et al. 2017: grouped 3x3 convolutions), with stochastic depth (Huang et al. 2016).
 
 Layer names follow torchvision (`conv1`, `bn1`, `layer1_0/conv1`, `layer1_0/downsample_conv`,
 `fc`) so that weights map one to one. Every variant is a field setting of `ResNet` or
@@ -24,11 +27,37 @@ from resnet_jax.models.common import (
 )
 from resnet_jax.models.layers import global_avg_pool, zero_pad_shortcut
 
-SHORTCUTS = ("projection", "zero_pad")
+SHORTCUTS = ("projection", "zero_pad", "avg_pool")
+STEMS = ("plain", "deep")
 STRIDE_ON = ("3x3", "1x1")
 BLOCKS = ("basic", "bottleneck")
 DOWNSAMPLE = ("stride", "pool")
 EXPANSION = {"basic": 1, "bottleneck": 4}
+
+
+def ceil_avg_pool(x: jax.Array, strides: int) -> jax.Array:
+    """2x2 average pool at `strides`, the last window cut at an odd edge and averaged over
+    the pixels it holds (PyTorch's ceil_mode=True, count_include_pad=False)."""
+    if strides == 1:
+        return x
+    extra = [(-size) % strides for size in x.shape[1:3]]
+    return nn.avg_pool(x, (2, 2), strides=(strides, strides),
+                       padding=((0, extra[0]), (0, extra[1])), count_include_pad=False)
+
+
+def drop_path_rates(blocks: int, rate: float) -> list[float]:
+    """Stochastic depth of each of `blocks` residual blocks: rising linearly from 0 for the
+    first to `rate` for the last (timm's rule)."""
+    return [rate * i / max(blocks - 1, 1) for i in range(blocks)]
+
+
+def drop_path(y: jax.Array, rate: float, train: bool, name: str = "drop_path") -> jax.Array:
+    """Stochastic depth: in training, each example's residual branch is dropped with
+    probability `rate` and kept ones scaled by 1 / (1 - rate); the identity at evaluation."""
+    if rate == 0.0:
+        return y
+    return nn.Dropout(rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train,
+                      name=name)(y)
 
 
 def _shortcut(
@@ -39,11 +68,15 @@ def _shortcut(
     conv: ModuleDef,
     norm: ModuleDef | None,
 ) -> jax.Array:
-    """Identity when shapes agree, otherwise a projection (option B) or zero-pad (option A)."""
+    """Identity when shapes agree, otherwise a projection (option B), zero-pad (option A) or
+    a 2x2 average pool then the projection at stride 1 (ResNet-D)."""
     if x.shape[-1] == out_channels and strides == 1:
         return x
     if kind == "zero_pad":
         return zero_pad_shortcut(x, out_channels, strides)
+    if kind == "avg_pool":
+        x = ceil_avg_pool(x, strides)
+        strides = 1
     x = conv(out_channels, (1, 1), strides=strides, padding="VALID", name="downsample_conv")(x)
     return norm(name="downsample_bn")(x) if norm is not None else x
 
@@ -57,6 +90,8 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     shortcut: str = "projection"
     zero_init_residual: bool = False
+    drop_path_rate: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,7 +99,8 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm(name="bn1")(y))
         y = self.conv(self.features, (3, 3), padding=pad(3), name="conv2")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self.norm(scale_init=last_init, name="bn2")(y)
+        y = drop_path(self.norm(scale_init=last_init, name="bn2")(y), self.drop_path_rate,
+                      self.train)
         residual = _shortcut(x, self.features, self.strides, self.shortcut, self.conv, self.norm)
         return nn.relu(y + residual)
 
@@ -73,7 +109,9 @@ class BottleneckBlock(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (ResNet-50/101/152).
 
     `stride_on="3x3"` puts the stride on the 3x3 convolution (torchvision, "v1.5");
-    `"1x1"` on the first 1x1 as in the paper and Keras' ResNet50.
+    `"1x1"` on the first 1x1 as in the paper and Keras' ResNet50. The inner width is
+    `features * width_per_group / 64 * groups`, the 3x3 in `groups` groups (ResNeXt; wide
+    ResNets double `width_per_group`).
     """
 
     features: int
@@ -83,18 +121,25 @@ class BottleneckBlock(nn.Module):
     shortcut: str = "projection"
     stride_on: str = "3x3"
     zero_init_residual: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+    drop_path_rate: float = 0.0
+    train: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s1, s3 = (1, self.strides) if self.stride_on == "3x3" else (self.strides, 1)
-        y = self.conv(self.features, (1, 1), strides=s1, padding="VALID", name="conv1")(x)
+        width = int(self.features * self.width_per_group / 64) * self.groups
+        y = self.conv(width, (1, 1), strides=s1, padding="VALID", name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
-        y = self.conv(self.features, (3, 3), strides=s3, padding=pad(3), name="conv2")(y)
+        y = self.conv(width, (3, 3), strides=s3, padding=pad(3), feature_group_count=self.groups,
+                      name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         out = self.features * EXPANSION["bottleneck"]
         y = self.conv(out, (1, 1), padding="VALID", name="conv3")(y)
         last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = self.norm(scale_init=last_init, name="bn3")(y)
+        y = drop_path(self.norm(scale_init=last_init, name="bn3")(y), self.drop_path_rate,
+                      self.train)
         residual = _shortcut(x, out, self.strides, self.shortcut, self.conv, self.norm)
         return nn.relu(y + residual)
 
@@ -110,7 +155,15 @@ class ResNet(nn.Module):
       stage_widths: channels of each stage (before bottleneck expansion).
       stem_width, stem_kernel, stem_strides, stem_pool: the first convolution and whether a
         3x3/2 max-pool follows it. Any input size works: nothing depends on 224.
-      shortcut: "projection" (option B, 1x1 conv + BN) or "zero_pad" (option A, parameter-free).
+      stem: "plain" (one stem_kernel convolution) or "deep" (ResNet-C: three 3x3
+        convolutions of stem_width/2, stem_width/2 and stem_width channels, the first at
+        stem_strides; timm's `stem_type='deep'`).
+      shortcut: "projection" (option B, 1x1 conv + BN), "zero_pad" (option A, parameter-free)
+        or "avg_pool" (ResNet-D: 2x2 average pool, then the 1x1 conv + BN at stride 1).
+      groups, width_per_group: bottleneck blocks' 3x3 groups and width per group (ResNeXt
+        32x4d: 32, 4; wide_resnet50_2: 1, 128; plain: 1, 64).
+      drop_path_rate: stochastic depth of the last block; block i of n drops its residual
+        branch with rate * i / (n - 1) in training (timm's rule), none at evaluation.
       stride_on: "3x3" (torchvision v1.5) or "1x1" (paper, Keras) in bottleneck blocks.
       zero_init_residual: start the last BN gamma of every residual branch at zero (Goyal et al.
         2017); off by default, as in the paper.
@@ -146,12 +199,22 @@ class ResNet(nn.Module):
     norm: ModuleDef = nn.BatchNorm
     pool: Callable = nn.max_pool
     head_hidden: int = 0
+    stem: str = "plain"
+    groups: int = 1
+    width_per_group: int = 64
+    drop_path_rate: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_choice("block", self.block, BLOCKS)
         check_choice("shortcut", self.shortcut, SHORTCUTS)
         check_choice("stride_on", self.stride_on, STRIDE_ON)
+        check_choice("stem", self.stem, STEMS)
+        if self.block == "basic" and (self.groups, self.width_per_group) != (1, 64):
+            raise ValueError(f"groups={self.groups}, width_per_group={self.width_per_group}: "
+                             "basic blocks take only groups=1, width_per_group=64")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate}; expected [0, 1)")
         if len(self.stage_sizes) != len(self.stage_widths):
             raise ValueError(
                 f"stage_sizes {tuple(self.stage_sizes)} and stage_widths "
@@ -161,15 +224,27 @@ class ResNet(nn.Module):
         norm = make_norm(self.norm, train, self.dtype, self.bn_momentum, self.bn_epsilon,
                          self.axis_name)
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
-        # only bottleneck blocks have a choice of where the stride goes
-        extra = {} if self.block == "basic" else {"stride_on": self.stride_on}
+        # only bottleneck blocks have a choice of where the stride goes, groups and widths
+        extra = {} if self.block == "basic" else {
+            "stride_on": self.stride_on, "groups": self.groups,
+            "width_per_group": self.width_per_group}
 
         x = jnp.asarray(x, self.dtype)
-        k = self.stem_kernel
-        x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k), name="conv1")(x)
+        if self.stem == "deep":
+            half = self.stem_width // 2
+            x = conv(half, (3, 3), strides=self.stem_strides, padding=pad(3), name="stem_conv1")(x)
+            x = nn.relu(norm(name="stem_bn1")(x))
+            x = conv(half, (3, 3), padding=pad(3), name="stem_conv2")(x)
+            x = nn.relu(norm(name="stem_bn2")(x))
+            x = conv(self.stem_width, (3, 3), padding=pad(3), name="stem_conv3")(x)
+        else:
+            k = self.stem_kernel
+            x = conv(self.stem_width, (k, k), strides=self.stem_strides, padding=pad(k),
+                     name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         if self.stem_pool:
             x = self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        rates, index = drop_path_rates(sum(self.stage_sizes), self.drop_path_rate), 0
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.stage_widths)):
             for j in range(size):
                 x = block_cls(
@@ -179,9 +254,12 @@ class ResNet(nn.Module):
                     norm=norm,
                     shortcut=self.shortcut,
                     zero_init_residual=self.zero_init_residual,
+                    drop_path_rate=rates[index],
+                    train=train,
                     **extra,
                     name=f"layer{i + 1}_{j}",
                 )(x)
+                index += 1
         x = global_avg_pool(x)
         if self.head_hidden:
             x = nn.relu(make_dense(self.dtype)(self.head_hidden, name="fc_hidden")(x))

@@ -22,6 +22,7 @@ import ml_collections
 
 from resnet_jax.data.sources import DATA_SOURCES, DATASETS
 from resnet_jax.data.autoaugment import BINS, POLICIES
+from resnet_jax.data.images import INTERPOLATIONS
 from resnet_jax.data.transforms import AUGMENTATIONS, CHANNEL_ORDERS
 from resnet_jax.models import get_spec
 from resnet_jax.training.durations import Durations, durations  # noqa: F401 (re-exported)
@@ -46,7 +47,7 @@ class Field:
     default: Any
     help: str
     choices: tuple | None = None
-    bounds: str = ""  # "> 0", ">= 0", ">= 1" or "[0, 1)"
+    bounds: str = ""  # a key of _BOUNDS
 
 
 _BOUNDS = {
@@ -54,6 +55,7 @@ _BOUNDS = {
     ">= 0": (lambda v: v >= 0, "must be >= 0"),
     ">= 1": (lambda v: v >= 1, "must be >= 1"),
     "[0, 1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "[0, 1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
 }
 
 SCHEMA: dict[str, dict[str, Field]] = {
@@ -63,6 +65,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dtype": Field("float32", "compute dtype; parameters stay float32", DTYPES),
         "model_overrides": Field(ml_collections.ConfigDict(),
                                  "extra model fields, e.g. shortcut='projection'"),
+        "drop_path_rate": Field(0.0, "stochastic depth (Huang et al. 2016) of the last "
+                                     "residual block, rising linearly from 0 over the blocks "
+                                     "as timm; none at evaluation; 0: off", bounds="[0, 1)"),
         "init_from": Field("", "a converted-weights dir or a run's workdir to start from"),
         "freeze": Field("", "'backbone': train only the head (fc, fc_hidden; AlexNet's fc8)",
                         FREEZE_CHOICES),
@@ -101,6 +106,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                           "(test_* in metrics.jsonl, reported only)"),
         "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",
                             bounds=">= 0"),
+        "eval_image_size": Field(0, "variable-size datasets: evaluation's crop size (FixRes: "
+                                    "larger than the training crop); 0: image_size",
+                                 bounds=">= 0"),
+        "eval_crop_pct": Field(0.0, "variable-size datasets: evaluation's centre crop as a "
+                                    "share of the shorter side (0.875: 224 of 256); 0: the "
+                                    "one recorded with init_from's weights, else 0.875",
+                               bounds="[0, 1]"),
+        "interpolation": Field("", "resize filter of decoded images: 'bilinear' or "
+                                   "'bicubic'; '': the one recorded with init_from's weights, "
+                                   "else bilinear", ("",) + INTERPOLATIONS),
         "augment": Field("", "train augmentation; '': the dataset's default",
                          ("",) + AUGMENTATIONS),
         "channels": Field(0, "0: the dataset's; 3: grayscale repeated to RGB", (0, 1, 3)),
@@ -120,12 +135,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
                               ("",) + POLICIES),
         "rand_augment_num_ops": Field(2, "RandAugment: operations per image", bounds=">= 1"),
         "rand_augment_magnitude": Field(9, "RandAugment: magnitude bin, 0-30", bounds=">= 0"),
+        "num_repeats": Field(1, "repeated augmentation (Hoffer et al. 2020; DeiT, timm's "
+                                "RepeatAugSampler): each training image this many times per "
+                                "global batch, on different devices, each copy augmented "
+                                "apart; an epoch keeps its steps; 1: off", bounds=">= 1"),
         "train_subset": Field(0, ">0: train on the first N examples only", bounds=">= 0"),
         "eval_subset": Field(0, ">0: evaluate on the first N examples only", bounds=">= 0"),
     },
     "optimizer": {
         "batch_size": Field(128, "global batch, over all devices and processes", bounds="> 0"),
-        "optimizer": Field("sgd", "update rule", OPTIMIZERS),
+        "optimizer": Field("sgd", "update rule ('lamb': You et al. 2020, Adam's update and "
+                                  "the decay scaled by each tensor's trust ratio)", OPTIMIZERS),
         "learning_rate": Field(0.1, "peak learning rate", bounds="> 0"),
         "momentum": Field(0.9, "SGD and LARS momentum", bounds="[0, 1)"),
         "nesterov": Field(False, "Nesterov momentum (SGD, LARS)"),
@@ -146,6 +166,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                          bounds=">= 1"),
         "loss": Field("softmax_cross_entropy", "training and evaluation loss", tuple(LOSSES)),
         "label_smoothing": Field(0.0, "label smoothing of the training loss", bounds="[0, 1)"),
+        "bce_target_threshold": Field(0.0, "sigmoid_cross_entropy: each target (after "
+                                           "smoothing and mixing) above it becomes 1, others "
+                                           "0 (timm's BinaryCrossEntropy target_threshold; "
+                                           "RSB: 0.2); 0: off", bounds="[0, 1)"),
         "mixup_alpha": Field(0.0, "mixup (Zhang et al. 2018): Beta(alpha, alpha) weights of "
                                   "each image and the next in the batch; 0: off",
                              bounds=">= 0"),
@@ -311,6 +335,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             len(c.profile_steps) and not 1 <= c.profile_steps[0] <= c.profile_steps[1]):
         raise ValueError(f"profile_steps={tuple(c.profile_steps)}; expected (first, last) with "
                          f"1 <= first <= last, or () for no profile")
+    if c.num_repeats > c.batch_size:
+        raise ValueError(f"num_repeats={c.num_repeats} is more than batch_size="
+                         f"{c.batch_size}: each global batch holds batch_size / num_repeats "
+                         "images, each num_repeats times")
+    if c.bce_target_threshold and c.loss != "sigmoid_cross_entropy":
+        raise ValueError(f"bce_target_threshold={c.bce_target_threshold} is for "
+                         f"loss='sigmoid_cross_entropy', not {c.loss!r}")
     _check_validation(c)
 
 

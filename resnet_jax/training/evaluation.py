@@ -21,21 +21,24 @@ if TYPE_CHECKING:
 
 def evaluate(eval_step: Callable, state: Any, source: Any, info: DatasetInfo, batch_size: int,
              image_size: int | None = None, strategy: Strategy | None = None, workers: int = 0,
-             skip_corrupt: bool = False) -> dict[str, Any]:
+             skip_corrupt: bool = False, crop_pct: float = 0.875,
+             interpolation: str = "bilinear") -> dict[str, Any]:
     """Means of the eval step's sums (loss, accuracy, top5_accuracy, ...), the count and the
     confusion matrix over every example of `source`, in batches of `batch_size`.
 
     The last batch is padded and masked. With a strategy, each process feeds its part of
     every batch and the mapped step sums over all devices; `eval_step` is then the strategy's.
     `workers` processes decode the images (0: this one); with `skip_corrupt` an unreadable
-    image is masked out and counted in "corrupt_images".
+    image is masked out and counted in "corrupt_images". Decoded images are the central
+    `crop_pct` of their shorter side resized to `image_size` with `interpolation`.
     """
     put = strategy.put_eval_batch if strategy else (lambda b: b)
     first = strategy.first if strategy else (lambda m: m)
     totals, corrupt = None, 0
     for batch in pipeline.eval_batches(source, info, batch_size, image_size,
                                        jax.process_index(), jax.process_count(), workers,
-                                       skip_corrupt):
+                                       skip_corrupt, crop_pct=crop_pct,
+                                       interpolation=interpolation):
         corrupt += int(np.sum(batch.pop("corrupt", 0)))
         sums = jax.tree.map(fetch, first(eval_step(state, put(batch))))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -55,7 +58,7 @@ def evaluate_split(exp: "Experiment", state, strategy, prefix: str, ema: bool | 
     for averaged in ((False, True) if state.ema else (False,)) if ema is None else (ema,):
         result = evaluate(strategy.eval_step, state.averaged() if averaged else state, source,
                           exp.info, experiment.eval_batch_size(exp.config),
-                          exp.config.image_size or None, strategy,
+                          experiment.eval_image_size(exp.config), strategy,
                           **experiment.eval_data_options(exp.config))
         tag = prefix + ("_ema_" if averaged and ema is None else "_")
         out.update({tag + k: v for k, v in result.items() if k != "per_class_accuracy"})

@@ -78,6 +78,11 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
         if "axis_name" not in fields:
             raise ValueError(f"sync_batch_norm=True but model {config.model!r} has no BatchNorm")
         overrides["axis_name"] = "data"
+    if config.drop_path_rate:
+        if "drop_path_rate" not in fields:
+            raise ValueError(f"drop_path_rate={config.drop_path_rate} but model "
+                             f"{config.model!r} has no stochastic depth (ResNet v1 models do)")
+        overrides["drop_path_rate"] = config.drop_path_rate
     if cpu_kernels(config):
         from resnet_jax.ops import cpu
 
@@ -125,11 +130,25 @@ def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
     return info
 
 
+DEFAULT_CROP_PCT = 0.875  # the ImageNet evaluation crop: 224 of 256
+
+
+def recorded_crop_pct(recorded: dict[str, Any]) -> float:
+    """The evaluation crop's share of the shorter side that a preprocessing record gives:
+    its crop_pct (timm), else crop / resize (torchvision's 224 of 256, 224 of 232, ...)."""
+    if recorded.get("crop_pct"):
+        return float(recorded["crop_pct"])
+    if recorded.get("crop") and recorded.get("resize"):
+        return float(recorded["crop"]) / float(recorded["resize"])
+    return DEFAULT_CROP_PCT
+
+
 def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config with its input normalisation written out: the fields it sets, else the
     preprocessing recorded with `init_from`'s weights (conversion.json, or the run it names),
     else the dataset's. The run's config.json then says what the model was fed."""
-    if config.input_mean and config.input_channel_order:
+    if config.input_mean and config.input_channel_order and config.eval_crop_pct \
+            and config.interpolation:
         return config
     recorded = transfer.recorded_preprocessing(config.init_from) if config.init_from else None
     info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
@@ -138,7 +157,10 @@ def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     mean = tuple(config.input_mean) or tuple(float(v) for v in source["mean"])
     std = tuple(config.input_std) or tuple(float(v) for v in source["std"])
     order = config.input_channel_order or source.get("channel_order", "RGB")
-    return with_overrides(config, input_mean=mean, input_std=std, input_channel_order=order)
+    crop_pct = config.eval_crop_pct or recorded_crop_pct(recorded or {})
+    interpolation = config.interpolation or (recorded or {}).get("interpolation", "bilinear")
+    return with_overrides(config, input_mean=mean, input_std=std, input_channel_order=order,
+                          eval_crop_pct=crop_pct, interpolation=interpolation)
 
 
 def test_split_note(config: ml_collections.ConfigDict) -> str:
@@ -252,12 +274,22 @@ def train_data(exp: Experiment, start_step: int = 0, position: dict | None = Non
         c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
         state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps,
         policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
-        policy_magnitude=c.rand_augment_magnitude)
+        policy_magnitude=c.rand_augment_magnitude, interpolation=c.interpolation or "bilinear",
+        repeats=c.num_repeats)
 
 
 def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The evaluation pipeline's settings from the config."""
-    return {"workers": config.data_workers, "skip_corrupt": config.skip_corrupt_images}
+    """The evaluation pipeline's settings from the config (its crop as `resolve_input`
+    wrote it out, or the defaults)."""
+    return {"workers": config.data_workers, "skip_corrupt": config.skip_corrupt_images,
+            "crop_pct": config.eval_crop_pct or DEFAULT_CROP_PCT,
+            "interpolation": config.interpolation or "bilinear"}
+
+
+def eval_image_size(config: ml_collections.ConfigDict) -> int | None:
+    """The evaluation crop of variable-size datasets: eval_image_size, else image_size
+    (None: 224)."""
+    return config.eval_image_size or config.image_size or None
 
 
 def eval_batch_size(config: ml_collections.ConfigDict, device_count: int | None = None) -> int:
@@ -277,7 +309,7 @@ def build_strategy(exp: Experiment) -> Strategy:
 def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedule) -> Strategy:
     """The engine's train and eval steps for `model` and optimizer `tx`, mapped by the
     config's strategy and compiled with its options."""
-    loss = get_loss(c.loss, c.label_smoothing)
+    loss = get_loss(c.loss, c.label_smoothing, c.bce_target_threshold)
     preprocess = device_input(c)
     return make_strategy(
         c.parallel,

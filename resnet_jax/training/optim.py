@@ -11,7 +11,7 @@ import optax
 
 from resnet_jax.training.durations import Durations
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "lars")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "lamb")
 SCHEDULES = ("constant", "piecewise", "cosine", "onecycle", "plateau")
 WEIGHT_DECAY_MODES = ("l2", "decoupled")
 
@@ -79,7 +79,10 @@ def make_optimizer(config, d: Durations
     gradient (so it passes through momentum, Adam's scaling or LARS' trust ratio), or
     'decoupled' (Loshchilov & Hutter 2019), subtracted from the parameters at the learning
     rate's pace, outside the gradient's path. 'adamw' is Adam with decoupled decay, so it
-    takes only that mode. Masked to kernels unless `weight_decay_all`. 'plateau' multiplies
+    takes only that mode. 'lamb' (You et al. 2020) takes 'decoupled' as its own definition
+    does: the decay is added to Adam's update before each tensor's trust ratio
+    ||w|| / ||update||, then scaled by the learning rate. Masked to kernels unless
+    `weight_decay_all`. 'plateau' multiplies
     the whole update by a multiplier that the loop cuts on the validation metric
     (`selection.plateau_update`, Keras' ReduceLROnPlateau).
     """
@@ -101,6 +104,13 @@ def make_optimizer(config, d: Durations
         parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov)
                      if config.momentum else optax.identity())
         parts.append(optax.scale_by_learning_rate(schedule))
+    elif name == "lamb":  # optax.lamb's order: Adam, decay, trust ratio, learning rate
+        parts.append(optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2,
+                                         eps=config.adam_eps))
+        if wd and mode == "decoupled":  # LAMB's own decay: inside the trust ratio
+            parts.append(optax.add_decayed_weights(wd, mask))
+        parts.append(optax.scale_by_trust_ratio())
+        parts.append(optax.scale_by_learning_rate(schedule))
     elif name in ("adam", "adamw"):
         parts.append(optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2,
                                          eps=config.adam_eps))
@@ -111,7 +121,7 @@ def make_optimizer(config, d: Durations
         parts.append(optax.masked(trust, mask) if mask is not None else trust)
         parts.append(optax.scale_by_learning_rate(schedule))
         parts.append(optax.trace(decay=config.momentum, nesterov=config.nesterov))
-    if wd and mode == "decoupled":
+    if wd and mode == "decoupled" and name != "lamb":
         parts.append(decoupled_weight_decay(wd, schedule, mask))
     return _with_plateau(config, d, optax.identity(), parts), schedule
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any
 
@@ -131,14 +132,18 @@ class Run:
 
     def model_images(self, images: np.ndarray) -> np.ndarray:
         """Raw uint8 images (N, H, W, C) at the model's input size, still uint8:
-        centre-cropped for variable-size datasets, checked against the run's shape."""
+        centre-cropped for variable-size datasets as the run's evaluation crops (size,
+        crop_pct, interpolation), checked against the run's shape otherwise."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 images (N, H, W, C), got {images.dtype} "
                              f"{images.shape}")
         shape = self.image_shape
         if self.info.image_shape is None:
-            images = np.stack([center_crop(im, shape[0]) for im in images])
+            options = experiment.eval_data_options(self.config)
+            size = experiment.eval_image_size(self.config) or 224
+            images = np.stack([center_crop(im, size, options["crop_pct"],
+                                           options["interpolation"]) for im in images])
         elif images.shape[1:3] != shape[:2] or images.shape[-1] not in (1, shape[-1]):
             raise ValueError(f"images of shape {images.shape[1:]}; this run takes "
                              f"{self.info.image_shape}")
@@ -168,8 +173,43 @@ class Run:
                            params=self.variables["params"],
                            batch_stats=self.variables["batch_stats"], opt_state={})
         return evaluate(self._eval_step, state, source, self.info, self.config.eval_batch_size,
-                        self.config.image_size or None,
+                        experiment.eval_image_size(self.config),
                         **experiment.eval_data_options(self.config))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How the run's input was made, as a weight file records it: mean and std on the
+        [0, 1] scale, channel order, the evaluation crop, its share of the shorter side and
+        the resize filter."""
+        options = experiment.eval_data_options(self.config)
+        info = self.info
+        crop = (experiment.eval_image_size(self.config) or 224) if info.image_shape is None \
+            else self.image_shape[0]
+        return {"mean": tuple(info.mean), "std": tuple(info.std),
+                "channel_order": info.channel_order, "crop": int(crop),
+                "crop_pct": float(options["crop_pct"]) if info.image_shape is None else 1.0,
+                "interpolation": options["interpolation"]}
+
+    def export(self, path: str, layout: str = "timm") -> str:
+        """Write the weights for PyTorch: `path`/model.safetensors, the state_dict that
+        timm's (layout="timm") or torchvision's (layout="torchvision") model of the run's
+        name loads with strict=True, and `path`/config.json as timm writes it, with the
+        run's preprocessing. Returns `path`."""
+        from safetensors.numpy import save_file
+
+        from resnet_jax.convert import timm as timm_convert
+        from resnet_jax.convert import torchvision as tv_convert
+
+        layouts = {"timm": timm_convert, "torchvision": tv_convert}
+        if layout not in layouts:
+            raise ValueError(f"layout={layout!r}; expected one of {tuple(layouts)}")
+        variables = jax.tree.map(np.asarray, self.variables)
+        state_dict = layouts[layout].export(variables, self.config.model)
+        config = timm_convert.export_config(self.config.model, variables, self.preprocessing())
+        os.makedirs(path, exist_ok=True)
+        save_file(state_dict, os.path.join(path, timm_convert.WEIGHTS_FILE))
+        with open(os.path.join(path, timm_convert.CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+        return path
 
     def feature_maps(self, images: np.ndarray, module: str) -> np.ndarray:
         """The output of submodule `module` (e.g. "layer2_0", "conv1") for raw images."""

@@ -63,8 +63,9 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
 
     `mix` = (mixup alpha, CutMix alpha), 0 for off: each device's batch is mixed on the
     device (`mixing.mix_batch`) and the loss is lam * L(labels) + (1 - lam) * L(partner
-    labels), which is the loss against the mixed one-hot targets for these linear losses;
-    `accuracy` is then weighted the same way.
+    labels), which is the loss against the mixed one-hot targets for these linear losses
+    (a loss with a `mixed` method, BCE with a target threshold, is taken of the mixed
+    targets instead); `accuracy` is then weighted the same way.
 
     `ema` = (decay, warm-up): with decay > 0, `state.ema` (params and batch statistics)
     moves to `decay * ema + (1 - decay) * new` each step; with warm-up the decay is
@@ -93,9 +94,12 @@ def make_train_step(model, tx: optax.GradientTransformationExtraArgs, schedule: 
             else:
                 logits, updates = model.apply(variables, images, train=True,
                                               mutable=["batch_stats"], rngs={"dropout": key})
-            loss = jnp.mean(loss_fn(logits, labels))
-            if mixing:
-                loss = lam * loss + (1.0 - lam) * jnp.mean(loss_fn(logits, partners))
+            if mixing and hasattr(loss_fn, "mixed"):  # a loss of the mixed targets
+                loss = jnp.mean(loss_fn.mixed(logits, labels, partners, lam))
+            else:
+                loss = jnp.mean(loss_fn(logits, labels))
+                if mixing:
+                    loss = lam * loss + (1.0 - lam) * jnp.mean(loss_fn(logits, partners))
             return loss, (logits, updates.get("batch_stats", batch_stats))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)

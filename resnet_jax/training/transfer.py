@@ -1,8 +1,9 @@
 """Transfer learning: start from converted or trained weights, optionally train only the head.
 
 `load_pretrained(directory)` reads `{"params", "batch_stats"}` from the output of
-`experiments.convert_weights` or from a training run's workdir (its best checkpoint, else its
-latest). `merge_pretrained` puts them into a freshly initialised model: the head (`fc`,
+`experiments.convert_weights`, from a training run's workdir (its best checkpoint, else its
+latest), or from timm's published form (a directory of model.safetensors + config.json, or
+`hf-hub:timm/NAME` in the local Hugging Face cache, converted as it is read). `merge_pretrained` puts them into a freshly initialised model: the head (`fc`,
 `fc_hidden`, AlexNet's `fc8`) keeps its fresh initialisation when the pretrained one is
 absent or has another shape (another class count); any other difference is an error naming
 the tensor. `freeze_backbone(tx)` makes the optimizer update the head only.
@@ -72,6 +73,11 @@ def load_pretrained(directory: str) -> dict[str, Any]:
     checkpoint, else its latest)."""
     import orbax.checkpoint as ocp
 
+    from resnet_jax.convert import timm as timm_convert
+
+    if timm_convert.is_timm_checkpoint(directory):
+        variables, _ = timm_convert.load(directory)
+        return variables
     directory = os.path.abspath(directory)
     converted = os.path.join(directory, VARIABLES_DIR)
     if os.path.isdir(converted):
@@ -100,7 +106,13 @@ def load_pretrained(directory: str) -> dict[str, Any]:
 def recorded_preprocessing(directory: str) -> dict[str, Any] | None:
     """How the input of the weights in `directory` was made ({"mean", "std",
     "channel_order", ...}): conversion.json's "preprocess" for converted weights, the
-    resolved input_* fields of a run's config.json; None when neither says."""
+    resolved input_* fields of a run's config.json, the `pretrained_cfg` of timm's
+    config.json; None when none says."""
+    from resnet_jax.convert import timm as timm_convert
+
+    if timm_convert.is_timm_checkpoint(directory):
+        return timm_convert.preprocess_of(
+            timm_convert.read_config(directory).get("pretrained_cfg", {}))
     path = os.path.join(directory, "conversion.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -113,8 +125,13 @@ def recorded_preprocessing(directory: str) -> dict[str, Any] | None:
         with open(path) as f:
             c = json.load(f)
         if c.get("input_mean"):
-            return {"mean": c["input_mean"], "std": c["input_std"],
-                    "channel_order": c.get("input_channel_order") or "RGB"}
+            recorded = {"mean": c["input_mean"], "std": c["input_std"],
+                        "channel_order": c.get("input_channel_order") or "RGB"}
+            if c.get("eval_crop_pct"):
+                recorded["crop_pct"] = c["eval_crop_pct"]
+            if c.get("interpolation"):
+                recorded["interpolation"] = c["interpolation"]
+            return recorded
     return None
 
 
