@@ -41,7 +41,7 @@ def test_load_config_by_name_or_path_with_overrides():
     (lambda: load_config("fashion_mnist", num_epoch=3),
      "unknown config field 'num_epoch'; did you mean 'num_epochs'?"),
     (lambda: load_config("fashion_mnist", optimizer="rmsprop"),
-     r"optimizer='rmsprop'; expected one of \('sgd', 'adam', 'adamw', 'lars'\)"),
+     r"optimizer='rmsprop'; expected one of \('sgd', 'adam', 'adamw', 'lars', 'lamb'\)"),
     (lambda: load_config("fashion_mnist", loss="hinge"),
      r"loss='hinge'; expected one of \('softmax_cross_entropy', 'sigmoid_cross_entropy'\)"),
     (lambda: load_config("fashion_mnist", momentum=1.5), r"momentum=1.5 must be in \[0, 1\)"),

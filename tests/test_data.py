@@ -186,9 +186,11 @@ def test_worker_processes_give_the_same_batches_and_resume_from_their_state(phot
 
 def test_eval_crops_are_the_central_crop_of_the_decoded_image(photo_folder):
     """The crop-then-resize path matches a plain reference: PIL decodes the whole image
-    (libjpeg's accurate IDCT), the central 87.5% is cut and resized by OpenCV. Where no
-    reduced-scale decoding applies (224 from about 300 pixels) only the fast IDCT differs;
-    at 64 the 1/4-scale DCT decoding is a different filter."""
+    (libjpeg's accurate IDCT), the box torchvision's evaluation transform takes (the shorter
+    side resized to floor(size / 0.875), the central size x size, its offsets rounded) is cut
+    and resized by OpenCV. Where no reduced-scale decoding applies (224 from about 300
+    pixels) only the fast IDCT differs; at 64 the 1/4-scale DCT decoding is a different
+    filter."""
     import cv2
     from PIL import Image
 
@@ -201,9 +203,12 @@ def test_eval_crops_are_the_central_crop_of_the_decoded_image(photo_folder):
             with Image.open(source.paths[k]) as im:
                 whole = np.asarray(im.convert("RGB"))
             h, w = whole.shape[:2]
-            side = min(h, w) * 0.875  # the central square, its edges rounded to pixels
+            short = int(size / 0.875)  # torchvision: Resize(short), then CenterCrop(size)
+            new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+            top_r, left_r = round((new_h - size) / 2), round((new_w - size) / 2)
             left, top, right, bottom = (int(round(v)) for v in (
-                (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2))
+                left_r * w / new_w, top_r * h / new_h, (left_r + size) * w / new_w,
+                (top_r + size) * h / new_h))
             crop = whole[top:bottom, left:right]
             # at 64 (1/4-scale decoding, a low-pass filter) against area averaging: bilinear
             # from the full image would alias

@@ -88,9 +88,12 @@ COVERED = {  # the start of each README command -> the test that runs it
     "srun": "slurm",
     "python -m experiments.launch": "launch",
     "python -m experiments.benchmark --model": "scaling",
-    ".venv/bin/python -m experiments.convert_weights": "transfer",
-    ".venv/bin/python -m experiments.train --config experiments/configs/transfer_resnet50.py":
-        "transfer",
+    ".venv/bin/python -m experiments.convert_weights --source": "transfer",
+    ".venv/bin/python -m experiments.train --config experiments/configs/transfer_resnet50.py "
+    "--workdir runs/transfer": "transfer",
+    ".venv/bin/python -m experiments.convert_weights --from timm": "transfer",
+    ".venv/bin/python -m experiments.train --config experiments/configs/transfer_resnet50.py "
+    "--workdir runs/a1": "transfer",
     ".venv/bin/pip install -r requirements-bench.txt": "against_torch",
     ".venv/bin/python -m experiments.benchmark --against user": "against_user",
     "bash experiments/setup.sh tf": "input_pipeline",
@@ -108,7 +111,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 21
+    assert len(commands) == 23
 
 
 def test_command_is_what_ci_runs():
@@ -275,7 +278,7 @@ def test_transfer(tmp_path):
     must be, and converted under another name; the fine-tuning command then starts from it."""
     from resnet_jax.convert.files import KNOWN_FILES
 
-    convert = command(".venv/bin/python -m experiments.convert_weights")
+    convert = command(".venv/bin/python -m experiments.convert_weights --source")
     pth = re.search(r"--input (\S+)", convert).group(1)
     assert pth in KNOWN_FILES
     import torch
@@ -289,12 +292,40 @@ def test_transfer(tmp_path):
     os.rename(tmp_path / pth, tmp_path / "stand-in.pth")
     run(argv(convert.replace(pth, "stand-in.pth")), cwd=str(tmp_path))
     train = command(".venv/bin/python -m experiments.train --config "
-                    "experiments/configs/transfer_resnet50.py")
+                    "experiments/configs/transfer_resnet50.py --workdir runs/transfer")
     train = train.replace("experiments/configs", os.path.join(ROOT, "experiments", "configs"))
-    run(argv(train) + TINY_TRAIN[:3] + ["--config.num_steps=2", "--config.batch_size=16",
-                                         "--config.progress_bar=False"], cwd=str(tmp_path))
+    tiny = TINY_TRAIN[:3] + ["--config.num_steps=2", "--config.batch_size=16",
+                             "--config.progress_bar=False"]
+    run(argv(train) + tiny, cwd=str(tmp_path))
     saved = json.load(open(tmp_path / "runs" / "transfer" / "config.json"))
     assert tuple(saved["input_mean"]) == (0.485, 0.456, 0.406)
+
+    # timm's weights from a local Hugging Face cache: a random timm ResNet-50 saved by timm
+    # under the name the README gives, with resnet50.a1_in1k's preprocessing (its mean and
+    # std are torchvision's: the same compiled steps as above, from the compilation cache)
+    from test_timm import hub_entry, timm_package
+
+    model = timm_package().create_model("resnet50", pretrained=False)
+    hub = str(tmp_path / "hub")
+    hub_entry(hub, "timm/resnet50.a1_in1k", model, {"interpolation": "bicubic", "crop_pct": 0.95})
+    env = {"HF_HUB_CACHE": hub}
+    timm_train = command(".venv/bin/python -m experiments.train --config "
+                         "experiments/configs/transfer_resnet50.py --workdir runs/a1")
+    timm_train = timm_train.replace("experiments/configs",
+                                    os.path.join(ROOT, "experiments", "configs"))
+    run(argv(timm_train) + tiny, cwd=str(tmp_path), env=env)
+    saved = json.load(open(tmp_path / "runs" / "a1" / "config.json"))
+    assert tuple(saved["input_mean"]) == (0.485, 0.456, 0.406)
+    assert saved["eval_crop_pct"] == 0.95 and saved["interpolation"] == "bicubic"
+    run(argv(command(".venv/bin/python -m experiments.convert_weights --from timm")),
+        cwd=str(tmp_path), env=env)
+    info = json.load(open(tmp_path / "weights" / "resnet50_a1" / "conversion.json"))
+    assert info["model"] == "resnet50" and info["params"] == 25_557_032
+    missing = subprocess.run(argv(timm_train), cwd=str(tmp_path), capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                                      HF_HUB_CACHE=str(tmp_path / "empty")))
+    assert missing.returncode != 0
+    assert "hf download timm/resnet50.a1_in1k" in missing.stderr.splitlines()[-1]
 
 
 @pytest.mark.torch

@@ -214,9 +214,10 @@ def test_the_rsb_configs_start_and_step(name, small_jpeg_folder, tmp_path):
     """Each recipe as written (LAMB, BCE at threshold 0.2, RandAugment, mixup and CutMix, its
     drop-path rate and repeats, bicubic resizing, the evaluation crop share), on 32-pixel
     crops of a folder of JPEGs, a batch of 6 and three steps, evaluated at 48 pixels (a test
-    size apart from training's). The net is ResNet-18-D instead of the configs' ResNet-50
-    (whose model, optimizer and schedule test_training builds from each config): three
-    ResNet-50 compilations took 80 s each on 2 cores, and no recipe piece depends on depth."""
+    size apart from training's). The net is a ResNet-D of one basic block per stage
+    instead of the configs' ResNet-50 (whose model, optimizer and schedule test_training
+    builds from each config): three ResNet-50 compilations took 80 s each on 2 cores, and no
+    recipe piece depends on depth (stochastic depth still rises over four blocks)."""
     import resnet_jax
 
     config = load_config(name)
@@ -229,7 +230,8 @@ def test_the_rsb_configs_start_and_step(name, small_jpeg_folder, tmp_path):
     assert config.eval_image_size == 224 and config.eval_crop_pct == 0.95
     assert config.image_size == (160 if name.endswith("a3") else 224)
     workdir = str(tmp_path / "run")
-    config = load_config(name, model="resnet18d", dataset="image_folder",
+    config = load_config(name, model="resnet18d", model_overrides={"stage_sizes": (1, 1, 1, 1)},
+                         dataset="image_folder",
                          data_dir=small_jpeg_folder,
                          eval_split="test", validation_split=0.0, image_size=32,
                          eval_image_size=48, batch_size=6, eval_batch_size=6, num_steps=3,

@@ -96,17 +96,19 @@ def test_timm_weights_give_timms_logits_and_go_back_to_timm_and_torchvision(name
     state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
     variables = timm_convert.convert(state_dict, name)
     ours = np.asarray(get_model(name, num_classes=10).apply(variables, jnp.asarray(x)))
-    assert rel_err(ours, expected) < TOL
+    errors = {"timm -> resnet_jax": rel_err(ours, expected)}
 
     back = timm_convert.export(variables, name)
     assert set(back) == set(state_dict)
     fresh = timm_package().create_model(name, pretrained=False, num_classes=10).eval()
     load_strict(fresh, back)
-    assert rel_err(torch_logits(fresh, x), expected) < TOL
+    errors["resnet_jax -> timm"] = rel_err(torch_logits(fresh, x), expected)
     if name in tv_convert.MODELS:
         tv = getattr(torchvision_models(), name)(num_classes=10).eval()
         load_strict(tv, tv_convert.export(variables, name))
-        assert rel_err(torch_logits(tv, x), expected) < TOL
+        errors["resnet_jax -> torchvision"] = rel_err(torch_logits(tv, x), expected)
+    print(f"{name} {size}x{size}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert all(v < TOL for v in errors.values()), errors
 
 
 def test_conversion_names_the_tensor_both_ways():

@@ -7,8 +7,8 @@ pipeline starts, and they are reused for its whole life. A worker writes a batch
 into one of its free slots, marks it busy and hands over only its name (`SlotRef`); the
 training process reads the batch in place (on the CPU, `device_put` even aliases it) and
 marks the slot free again when nothing refers to that batch any more (its array's
-finalizer). With no slot free, a worker hands over a plain array, which grain copies to
-fresh shared memory.
+finalizer). With no slot free (the worker is ahead), a worker hands over a plain array,
+which crosses pickled (the pipeline turns grain's shared memory off).
 
 The training process owns the names: it unlinks them when the pipeline closes (after its
 workers stopped), and unmaps each slot once no batch reads from it.
