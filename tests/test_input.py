@@ -236,7 +236,12 @@ def test_worker_batches_reuse_shared_slots_which_are_freed_with_their_batch_and_
     handed = [to_slot({"image": b, "label": np.zeros(2)}) for b in batches[:3]]
     assert isinstance(handed[0]["image"], slots.SlotRef)
     assert {handed[0]["image"].name, handed[1]["image"].name} == names
-    assert isinstance(handed[2]["image"], np.ndarray)  # both slots busy: a plain array
+    fresh = handed[2]["image"]  # both slots busy: a fresh block of the pipeline's name
+    assert isinstance(fresh, slots.FreshRef) and fresh.name.startswith(shared.prefix)
+    np.testing.assert_array_equal(shared(handed[2])["image"], batches[2])
+    assert not os.path.exists(f"/dev/shm/{fresh.name}")  # read once, unlinked at once
+    on_its_way = to_slot({"image": batches[3]})["image"]  # never read: unlinked at close
+    assert os.path.exists(f"/dev/shm/{on_its_way.name}")
     first = shared(handed[0])["image"]
     np.testing.assert_array_equal(first, batches[0])  # read in place
     del first
@@ -246,6 +251,7 @@ def test_worker_batches_reuse_shared_slots_which_are_freed_with_their_batch_and_
     kept = shared({"image": again})["image"]
     shared.close()
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)  # unlinked at close
+    assert not os.path.exists(f"/dev/shm/{on_its_way.name}")
     np.testing.assert_array_equal(kept, batches[3])  # still readable while referenced
 
 
@@ -279,10 +285,11 @@ def test_a_close_that_meets_grains_thread_race_still_closes_everything_below():
 
 
 def test_with_workers_only_the_slots_are_shared_memory_and_nothing_is_left_at_close(tmp_path):
-    """Labels, masks and a batch that found no slot free (workers ahead of a slow consumer)
-    cross pickled: grain would have put each in fresh shared memory of its own, and one still
-    on its way at close stayed linked (the "leaked shared_memory" warning at exit, one run
-    in four of the two-worker image-folder test)."""
+    """Labels and masks cross pickled, images in the pipeline's slots or, with none free
+    (workers ahead of a slow consumer), in blocks of the pipeline's name: grain would have put
+    each array in fresh shared memory of its own, and one still on its way at close stayed
+    linked (the "leaked shared_memory" warning at exit, one run in four of the two-worker
+    image-folder test)."""
     from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
     from benchmarks.jpeg_folder import write_folder
@@ -302,6 +309,8 @@ def test_with_workers_only_the_slots_are_shared_memory_and_nothing_is_left_at_cl
         if step == 12:
             break
     assert all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    prefix = iterator._release.__self__.prefix
     pipeline.close(iterator)
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     assert kinds <= {np.ndarray}, kinds

@@ -371,10 +371,10 @@ def _with_workers(dataset, workers: int, threads: int, image_bytes: int = 0) -> 
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (library use)
             flags.FLAGS.mark_as_parsed()
-        # Everything but the slots crosses pickled (labels, masks, and a batch that found no
-        # slot free, which happens only while a worker is ahead): grain would put each array
-        # in fresh shared memory of its own, and one still on its way when the pipeline
-        # closes was never unlinked (Python's "leaked shared_memory" warning at exit).
+        # Labels and masks cross pickled, the images in shared memory this pipeline names
+        # (`slots`): grain would put each array in fresh shared memory of its own, and one
+        # still on its way when the pipeline closes was never unlinked (Python's "leaked
+        # shared_memory" warning at exit).
         iter_ds = grain.experimental.WithOptionsIterDataset(
             iter_ds, grain.experimental.DatasetOptions(min_shm_size=NO_GRAIN_SHM))
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
@@ -382,7 +382,7 @@ def _with_workers(dataset, workers: int, threads: int, image_bytes: int = 0) -> 
     return _Pipeline(iter_ds.__iter__(), shared.close)
 
 
-NO_GRAIN_SHM = 2**62  # grain's min_shm_size: no array is that large
+NO_GRAIN_SHM = 1 << 62  # grain's min_shm_size: no array is that large
 
 
 def _init_worker(index: int, count: int) -> None:

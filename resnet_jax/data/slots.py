@@ -7,8 +7,10 @@ pipeline starts, and they are reused for its whole life. A worker writes a batch
 into one of its free slots, marks it busy and hands over only its name (`SlotRef`); the
 training process reads the batch in place (on the CPU, `device_put` even aliases it) and
 marks the slot free again when nothing refers to that batch any more (its array's
-finalizer). With no slot free (the worker is ahead), a worker hands over a plain array,
-which crosses pickled (the pipeline turns grain's shared memory off).
+finalizer). With no slot free (the worker is ahead), a worker copies the batch into fresh
+shared memory under a name of the pipeline's (`FreshRef`); the training process copies it
+out and unlinks it at once, and at close unlinks any such block still on its way, so nothing
+is left linked however the pipeline stops.
 
 The training process owns the names: it unlinks them when the pipeline closes (after its
 workers stopped), and unmaps each slot once no batch reads from it.
@@ -17,6 +19,8 @@ workers stopped), and unmaps each slot once no batch reads from it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 import threading
 import weakref
 from multiprocessing import shared_memory
@@ -37,6 +41,15 @@ class SlotRef:
     dtype: str
 
 
+@dataclasses.dataclass(frozen=True)
+class FreshRef:
+    """A batch array in a fresh block of shared memory (no slot was free), read once."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
 def _busy(buf) -> bool:
     return bytes(buf[:4]) != bytes(4)
 
@@ -44,14 +57,26 @@ def _busy(buf) -> bool:
 class _WorkerSlots:
     """A worker process's view of its slots (attached on first use)."""
 
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
+    def __init__(self, names: tuple[str, ...], prefix: str):
+        self.names, self.prefix = names, prefix
         self.slots: list[shared_memory.SharedMemory] | None = None
         self.taken: set[int] = set()  # being filled by a thread of this worker
         self.lock = threading.Lock()
+        self.count = itertools.count()
 
-    def put(self, array: np.ndarray) -> SlotRef | np.ndarray:
-        """`array` copied into a free slot (its SlotRef), or `array` itself when none is."""
+    def fresh(self, array: np.ndarray) -> FreshRef:
+        """`array` copied into a new block named by the pipeline's prefix."""
+        name = f"{self.prefix}{os.getpid()}_{next(self.count)}"
+        block = shared_memory.SharedMemory(name=name, create=True, size=max(1, array.nbytes))
+        view = np.ndarray(array.shape, array.dtype, buffer=block.buf)
+        np.copyto(view, array, casting="no")
+        del view
+        block.close()  # the block stays linked until the training process unlinks it
+        return FreshRef(name, tuple(array.shape), array.dtype.str)
+
+    def put(self, array: np.ndarray) -> SlotRef | FreshRef:
+        """`array` copied into a free slot (its SlotRef), or into a fresh block when none
+        is."""
         need = HEADER + array.nbytes
         with self.lock:  # a worker's decoding threads share its slots
             if self.slots is None:
@@ -59,9 +84,12 @@ class _WorkerSlots:
             free = [k for k, s in enumerate(self.slots)
                     if k not in self.taken and s.size >= need and not _busy(s.buf)]
             if not free:
-                return array
-            k = free[0]
-            self.taken.add(k)
+                k = -1
+            else:
+                k = free[0]
+                self.taken.add(k)
+        if k < 0:
+            return self.fresh(array)
         slot = self.slots[k]
         view = np.ndarray(array.shape, array.dtype, buffer=slot.buf, offset=HEADER)
         np.copyto(view, array, casting="no")
@@ -88,6 +116,7 @@ class ToSlot:
     (`names[worker]`)."""
 
     names: tuple[tuple[str, ...], ...]
+    prefix: str = ""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         image = batch.get("image")
@@ -95,8 +124,11 @@ class ToSlot:
         if not mine or not isinstance(image, np.ndarray) or not image.flags.c_contiguous:
             return batch
         if mine not in _attached:
-            _attached[mine] = _WorkerSlots(mine)
+            _attached[mine] = _WorkerSlots(mine, self.prefix)
         return {**batch, "image": _attached[mine].put(image)}
+
+
+_pipelines = itertools.count()
 
 
 class Slots:
@@ -108,6 +140,8 @@ class Slots:
         self.slots: dict[str, shared_memory.SharedMemory] = {}
         self.live: dict[str, int] = {}
         self.closing = False
+        # names of this pipeline's fresh blocks (short: macOS allows 31 characters)
+        self.prefix = f"rj{os.getpid()}_{next(_pipelines)}_"
         names = []
         for _ in range(workers if nbytes > 0 else 0):
             mine = []
@@ -120,11 +154,13 @@ class Slots:
         self.names = tuple(names)
 
     def to_slot(self) -> ToSlot:
-        return ToSlot(self.names)
+        return ToSlot(self.names, self.prefix)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A batch whose "image" waits in a slot, with the array read in place."""
         ref = batch.get("image")
+        if isinstance(ref, FreshRef):
+            return {**batch, "image": _take(ref.name, ref.shape, ref.dtype)}
         if not isinstance(ref, SlotRef):
             return batch
         with self.lock:
@@ -165,3 +201,25 @@ class Slots:
                     pass
             for name in [n for n, count in self.live.items() if not count]:
                 self._unmap(name)
+        # fresh blocks still on their way when the workers stopped
+        if os.path.isdir(SHM_DIR):
+            for name in os.listdir(SHM_DIR):
+                if name.startswith(self.prefix):
+                    try:
+                        shared_memory.SharedMemory(name=name).unlink()
+                    except FileNotFoundError:
+                        pass
+
+
+SHM_DIR = "/dev/shm"  # where Linux lists POSIX shared memory
+
+
+def _take(name: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """A fresh block's array, copied out; the block unlinked."""
+    block = shared_memory.SharedMemory(name=name)
+    try:
+        array = np.array(np.ndarray(shape, np.dtype(dtype), buffer=block.buf))
+    finally:
+        block.close()
+        block.unlink()
+    return array
