@@ -169,39 +169,3 @@ def test_a_plain_jit_step_of_a_zoo_model_has_no_custom_calls():
 
     hlo = jax.jit(step).lower(variables["params"]).as_text()
     assert "convolution" in hlo and "custom_call" not in hlo
-
-
-def test_an_nnx_model_gives_the_linen_outputs_and_trains_one_optimizer_step():
-    from flax import nnx
-
-    from resnet_jax.models import get_model, get_nnx_model
-    from resnet_jax.models.nnx_bridge import linen_variables
-
-    model = get_nnx_model("cifar_resnet20", rngs=nnx.Rngs(params=0, dropout=1),
-                          num_classes=10)
-    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    labels = jnp.array([1, 2, 3, 4])
-    linen = get_model("cifar_resnet20", num_classes=10)
-    np.testing.assert_array_equal(model(x), linen.apply(linen_variables(model), x))
-
-    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer, x, labels):
-        def loss_fn(model):
-            logits = model(x, train=True)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
-
-    before = jax.tree.map(np.array, linen_variables(model))
-    loss = step(model, optimizer, x, labels)
-    after = linen_variables(model)
-    assert np.isfinite(float(loss))
-    for collection in ("params", "batch_stats"):
-        moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before[collection]),
-                                                         jax.tree.leaves(after[collection]))]
-        assert all(moved), (collection, sum(moved), len(moved))
-    # the moved variables are still the linen model's
-    np.testing.assert_allclose(model(x), linen.apply(after, x), rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """The pieces of the "ResNet strikes back" recipes, each against its definition: LAMB,
 stochastic depth, repeated augmentation, binary cross-entropy with a target threshold and an
-evaluation crop apart from the training one; the three RSB configs start and step."""
+evaluation crop apart from the training one; the three RSB configs start and step; the NNX
+door."""
 
 from __future__ import annotations
 
@@ -241,3 +242,42 @@ def test_the_rsb_configs_start_and_step(name, small_jpeg_folder, tmp_path):
     records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
     assert records[-1]["step"] == 3 and records[-1]["test_count"] == 6
     assert np.isfinite(records[-1]["train_loss"])
+
+
+# --- the NNX door (here, not in test_api.py: flax 0.12.8's nnx does not import under the
+# newest jax, 0.12.0.1, which .ci/newest runs test_api.py on) --------------------------------
+
+def test_an_nnx_model_gives_the_linen_outputs_and_trains_one_optimizer_step():
+    from flax import nnx
+
+    from resnet_jax.models import get_nnx_model
+    from resnet_jax.models.nnx_bridge import linen_variables
+
+    model = get_nnx_model("cifar_resnet20", rngs=nnx.Rngs(params=0, dropout=1),
+                          num_classes=10)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    labels = jnp.array([1, 2, 3, 4])
+    linen = get_model("cifar_resnet20", num_classes=10)
+    np.testing.assert_array_equal(model(x), linen.apply(linen_variables(model), x))
+
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, labels):
+        def loss_fn(model):
+            logits = model(x, train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    before = jax.tree.map(np.array, linen_variables(model))
+    loss = step(model, optimizer, x, labels)
+    after = linen_variables(model)
+    assert np.isfinite(float(loss))
+    for collection in ("params", "batch_stats"):
+        moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(before[collection]),
+                                                         jax.tree.leaves(after[collection]))]
+        assert all(moved), (collection, sum(moved), len(moved))
+    # the moved variables are still the linen model's
+    np.testing.assert_allclose(model(x), linen.apply(after, x), rtol=1e-6, atol=1e-6)
