@@ -25,12 +25,11 @@ def rel_err(ours, theirs) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
 
 
-def randomized_torch_model(name: str, seed: int = 0):
+def randomized_batch_norm(model):
+    """`model` in eval mode with every BatchNorm's statistics and affine parameters drawn far
+    from (0, 1), so that a mix-up of mean and variance or of scale and bias shows."""
     import torch
 
-    torch.manual_seed(seed)
-    models = torchvision_models()
-    model = getattr(models, "alexnet" if name == "alexnet_owt" else name)()
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -39,6 +38,14 @@ def randomized_torch_model(name: str, seed: int = 0):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0.0, 0.2)
     return model.eval()
+
+
+def randomized_torch_model(name: str, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    models = torchvision_models()
+    return randomized_batch_norm(getattr(models, "alexnet" if name == "alexnet_owt" else name)())
 
 
 def torch_outputs(model, x_nhwc: np.ndarray, names: list[str]) -> tuple[np.ndarray, dict]:

@@ -20,7 +20,7 @@ from resnet_jax.convert.torchvision import torchvision_models
 from resnet_jax.models import get_model, get_spec
 
 from conftest import param_count, rngs
-from test_convert import rel_err
+from test_convert import randomized_batch_norm, rel_err
 
 pytestmark = pytest.mark.torch
 
@@ -44,15 +44,8 @@ def randomized_timm_model(name: str, num_classes: int, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
-    model = timm_package().create_model(name, pretrained=False, num_classes=num_classes)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.normal_(0.0, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0.0, 0.2)
-    return model.eval()
+    return randomized_batch_norm(
+        timm_package().create_model(name, pretrained=False, num_classes=num_classes))
 
 
 def torch_logits(model, x_nhwc: np.ndarray) -> np.ndarray:
