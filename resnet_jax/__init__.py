@@ -8,6 +8,8 @@ The public face, for scripts and notebooks:
     run = resnet_jax.Run.load("runs/fm")             # config, model, variables, history
     probabilities = run.predict(uint8_images)
     model = resnet_jax.get_model("resnet50", num_classes=10)
+    resnet_jax.sweep("fashion_mnist", "runs/lr", grid={"learning_rate": [0.1, 0.2]}, seeds=3)
+    results = resnet_jax.load_runs("runs/lr")       # the runs and the table of means, stds
 
 Importing it starts no compiler, reads no data and changes no process-wide setting.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.models import get_model, list_models
+from resnet_jax.sweeps import compare, load_runs, sweep
 from resnet_jax.training.config import load_config
 from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.training.run import Run
@@ -35,4 +38,5 @@ def train(config: ml_collections.ConfigDict | str, workdir: str) -> dict[str, An
     return train_and_evaluate(config, workdir)
 
 
-__all__ = ["Run", "get_model", "list_models", "load_config", "train"]
+__all__ = ["Run", "compare", "get_model", "list_models", "load_config", "load_runs", "sweep",
+           "train"]

@@ -442,11 +442,21 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
     with open(path) as f:
-        values = {RENAMED.get(k, k): v for k, v in json.load(f).items() if k not in REMOVED}
+        return config_from_dict(json.load(f))
+
+
+def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A validated config from its JSON form (a run's config.json, a sweep's base config)."""
+    values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
     config = base_config()
     config.update(_tuples(values))
     validate_config(config)
     return config
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The JSON form of a config, as a run's config.json holds it."""
+    return json.loads(config.to_json_best_effort())
 
 
 def _tuples(value: Any) -> Any:

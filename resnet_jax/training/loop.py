@@ -23,6 +23,7 @@ from resnet_jax.data import pipeline
 from resnet_jax.training import (compilation_cache, experiment, guard, metrics, selection,
                                  timing, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
+from resnet_jax.training import config as config_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
 from resnet_jax.training.experiment import Experiment
@@ -247,4 +248,4 @@ def _summary_line(r: dict[str, Any]) -> str:
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+        json.dump(config_lib.config_to_dict(config), f, indent=2, sort_keys=True)
