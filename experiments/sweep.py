@@ -9,7 +9,8 @@ reads it), their output to DIR/logs/, the summary to DIR/summary.json, DIR/summa
 DIR/plots/. Running the same command again skips the finished runs and resumes the others
 (nothing left: it only rewrites the summary). --jobs J runs J at a time, each on 1/J of the
 GPUs, or of the CPU cores. --slurm writes DIR/sweep.sbatch, a job array of one task per run,
-and prints the command that submits it. Exit status 0: every run finished (or was stopped
+and prints the command that submits it; --summarize trains nothing and writes the summary
+of the runs as they stand. Exit status 0: every run finished (or was stopped
 by SIGTERM/Ctrl-C and will resume); 1: a run failed (the others went on); 2: bad input,
 found before any run started.
 """
@@ -49,6 +50,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                         help=">1: each run as experiments.launch of this many processes")
     parser.add_argument("--devices-per-process", type=int, default=1,
                         help="with --processes-per-run: CPU devices each process forces")
+    parser.add_argument("--summarize", action="store_true",
+                        help="train nothing: write the summary of the runs as they stand "
+                             "(e.g. while a SLURM array runs them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         grid = plan_lib.parse_grid(args.grid)
         done = run_sweep(config, args.workdir, grid, args.seeds, args.jobs, args.slurm,
                          args.slurm_option, args.processes_per_run, args.devices_per_process,
-                         progress=not args.no_progress and sys.stderr.isatty())
+                         progress=not args.no_progress and sys.stderr.isatty(),
+                         train=not args.summarize)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,9 +25,9 @@ def images(nb) -> int:
                for o in c.get("outputs", []))
 
 
-def test_the_three_notebooks_are_there():
+def test_the_four_notebooks_are_there():
     assert NAMES == ["01_train_and_inspect.ipynb", "02_transfer_learning.ipynb",
-                     "03_inspect_a_trained_model.ipynb"]
+                     "03_inspect_a_trained_model.ipynb", "04_a_sweep.ipynb"]
 
 
 @pytest.mark.parametrize("name", NAMES)

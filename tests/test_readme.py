@@ -102,6 +102,12 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.plot_runs": "best_and_plot",
     "ACCELERATOR=": "accelerator_installs",
     ".venv/bin/python -m experiments.benchmark --accelerator": "accelerator",
+    # tests/test_sweep.py runs these (its fixtures are built from them)
+    ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
+    "--workdir runs/fashion_mnist_seeds": "test_sweep: slurm",
+    ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
+    "--workdir runs/lr": "test_sweep: swept",
+    ".venv/bin/python -m experiments.compare": "test_sweep: compare",
 }
 
 
@@ -111,7 +117,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 23
+    assert len(commands) == 26
 
 
 def test_command_is_what_ci_runs():
@@ -441,7 +447,10 @@ def test_accelerator(tmp_path):
         ("cifar_resnet20", "bfloat16", 16), ("cifar_resnet20", "float32", 16)]
     for r in rows:
         assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["fed_img_s"] > 0
-        assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"], rel=2e-3)
+        # the ratio is written to 3 decimals (up to 5e-4 off) from unrounded rates, which are
+        # written to 2 decimals: a relative bound failed at 0.249 against 0.24849
+        assert r["ratio"] == pytest.approx(r["jax_img_s"] / r["torch_img_s"], rel=1e-3,
+                                           abs=5e-4)
         # ResNet-20 (He et al. 2016) takes 41M multiply-adds a 32x32 image forward: 82 MFLOPs;
         # a train step is about 3 forwards (forward, input and weight gradients) plus the
         # BatchNorm, ReLU, loss and optimizer element-wise work.

@@ -32,7 +32,7 @@ class SweepOutcome:
 def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
               grid: dict[str, Sequence[Any]] | None = None, seeds: int = 1, jobs: int = 1,
               slurm: bool = False, slurm_options: Sequence[str] = (), processes_per_run: int = 1,
-              devices_per_process: int = 1, progress: bool = True,
+              devices_per_process: int = 1, progress: bool = True, train: bool = True,
               echo: Callable[[str], None] = print) -> SweepOutcome:
     """`sweep`, returning what the call did as well (for the command line)."""
     if isinstance(config, str):
@@ -53,10 +53,10 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
             f.write(script)
         os.chmod(path, 0o755)
         echo(f"wrote {path} ({len(plan.runs)} tasks); submit it with:\n  sbatch {path}\n"
-             f"then summarise with the same command without --slurm once the runs finished")
+             "then write the summary with the same command, --summarize instead of --slurm")
         return SweepOutcome(load_runs(workdir), local.Outcome(), path)
-    outcome = local.run_all(workdir, plan, jobs, processes_per_run, devices_per_process,
-                            echo=echo, progress=progress)
+    outcome = (local.run_all(workdir, plan, jobs, processes_per_run, devices_per_process,
+                             echo=echo, progress=progress) if train else local.Outcome())
     report.write_summary(workdir)
     results = load_runs(workdir)
     done = sum(r.finished for r in results.runs)

@@ -21,6 +21,7 @@ from resnet_jax.sweeps.plan import Plan, PlannedRun
 
 LOG_FILE = "sweep_log.jsonl"  # one line per start of a run: when, how long, exit status
 SLURM_FILE = "sweep.sbatch"
+BUSY = 3  # experiments.train's exit status when another process holds the run's workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Outcome:
     skipped: list[str] = dataclasses.field(default_factory=list)  # finished before
     trained: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> exit status
+    busy: list[str] = dataclasses.field(default_factory=list)  # another process holds them
     stopped: str = ""  # the signal that stopped the sweep, if one did
 
 
@@ -109,7 +111,7 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
     """Train every run of `plan` that has not finished, `jobs` at a time. A run's output goes
     to logs/NAME.log. SIGTERM or Ctrl-C passes SIGTERM on to the runs (each saves a
     checkpoint) and starts no more: the same call later resumes them."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     workdir = os.path.abspath(workdir)
     outcome = Outcome()
@@ -170,7 +172,11 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
                 if finished:
                     outcome.trained.append(run.name)
                     bar.update(1)
-                elif proc.returncode != 0:
+                elif proc.returncode == BUSY:
+                    outcome.busy.append(run.name)
+                    echo(f"run {run.name} is in use by another process (a SLURM task, another "
+                         "sweep): left to it")
+                elif proc.returncode != 0 and not stop["signal"]:  # not one the stop ended
                     outcome.failed[run.name] = proc.returncode
                     bar.update(1)
                     echo(f"run {run.name} failed (exit status {proc.returncode}); its output: "

@@ -150,6 +150,19 @@ def _literal(value: Any) -> Any:
     return value
 
 
+def coerce(field: str, value: Any) -> Any:
+    """A number as its field's type (0 for a float field is 0.0, 2.0 for an integer one 2),
+    so that one value has one spelling in run names whichever way it was written."""
+    default = config_lib.FIELDS[field].default
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _plain(value: Any) -> Any:
     """A value in its JSON form (ConfigDicts as dicts, tuples as lists)."""
     if isinstance(value, ml_collections.ConfigDict):
@@ -168,7 +181,8 @@ def make_plan(config: ml_collections.ConfigDict, grid: dict[str, list[Any]] | No
     """The runs of `config` at every point of `grid` with `seeds` seeds each (config.seed,
     config.seed + 1, ...). Every value, and every point's whole config, is validated first:
     a ValueError names the field and the value."""
-    grid = {k: list(v) for k, v in (grid or {}).items()}
+    grid = {k: [coerce(k, v) for v in vs] if k in config_lib.FIELDS else list(vs)
+            for k, vs in (grid or {}).items()}
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ValueError(f"seeds={seeds!r}: expected a number of seeds >= 1")
     if "seed" in grid:

@@ -215,12 +215,14 @@ def plot_runs_curves(plan: Plan, runs: list[SweepRun], path: str) -> None:
     for ax, split in zip(axes, splits):
         for k, (point, group) in enumerate(points(plan, runs)):
             label = ", ".join(f"{f}={plan_lib.format_value(v)}" for f, v in point.items())
-            for n, run in enumerate(group):
+            labelled = False
+            for run in group:
                 xy = [(rec["epoch"], rec[f"{split}_accuracy"]) for rec in run.history
                       if f"{split}_accuracy" in rec]
                 if xy:
                     ax.plot(*zip(*xy), "-", color=f"C{k % 10}", alpha=0.7, marker=".",
-                            label=(label or "runs") if n == 0 else None)
+                            label=None if labelled else (label or "runs"))
+                    labelled = True
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split}_accuracy")
         ax.grid(alpha=0.3)

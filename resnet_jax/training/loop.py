@@ -20,10 +20,9 @@ import ml_collections
 import numpy as np
 
 from resnet_jax.data import pipeline
-from resnet_jax.training import (compilation_cache, experiment, guard, metrics, selection,
-                                 timing, transfer)
+from resnet_jax.training import (compilation_cache, config as config_lib, experiment, guard,
+                                 metrics, selection, timing, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
-from resnet_jax.training import config as config_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
 from resnet_jax.training.experiment import Experiment
