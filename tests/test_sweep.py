@@ -215,24 +215,28 @@ def test_other_bad_input_is_refused_before_any_run(tmp_path, capsys):
 
 
 def test_the_slurm_script_task_trains_the_run_it_names(tmp_path, capsys):
-    """The README's 5-seed sweep of the main job, as a SLURM job array on tiny data."""
+    """The README's 5-seed sweep of the main job, as a SLURM job array on tiny data, each run
+    of two processes: the task's command is `experiments.launch` (the multi-host path)."""
     workdir = str(tmp_path / "cluster")
     args = argv(command(SEEDS_COMMAND), **{"runs/fashion_mnist_seeds": workdir,
                                            "experiments/configs/fashion_mnist.py": CONFIG})
+    extra = [*TINY_ARGS, "--config.num_epochs=1", "--config.parallel=sharded"]
     assert sweep_cli.main(args[3:] + ["--slurm", "--slurm-option=--gres=gpu:1",
-                                      "--slurm-option=--time=1:00:00", *TINY_ARGS,
-                                      "--config.num_epochs=1"]) == 0
+                                      "--slurm-option=--time=1:00:00", "--processes-per-run",
+                                      "2", *extra]) == 0
     script = os.path.join(workdir, "sweep.sbatch")
     assert f"sbatch {script}" in capsys.readouterr().out
     text = open(script).read()
     assert "#SBATCH --array=0-4\n" in text and "#SBATCH --gres=gpu:1\n" in text
     assert "#SBATCH --time=1:00:00\n" in text
+    assert "-m experiments.launch --num-processes 2 --devices-per-process 1 -- --config" in text
     assert not os.path.exists(os.path.join(workdir, "runs"))  # nothing trained yet
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", JAX_PLATFORMS="cpu")
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(finished(workdir)) == ["seed=3"]
-    assert run_config(os.path.join(workdir, "runs", "seed=3")).seed == 3
+    trained = run_config(os.path.join(workdir, "runs", "seed=3"))
+    assert trained.seed == 3 and trained.num_processes == 2  # two processes, as launched
     again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "finished before" in again.stdout
     env["SLURM_ARRAY_TASK_ID"] = "5"
@@ -240,7 +244,7 @@ def test_the_slurm_script_task_trains_the_run_it_names(tmp_path, capsys):
     assert wrong.returncode == 2 and "no task 5" in wrong.stderr
     # --summarize trains nothing: the summary of a part-done sweep counts what finished and
     # names the rest
-    assert sweep_cli.main(args[3:] + ["--summarize", *TINY_ARGS, "--config.num_epochs=1"]) == 0
+    assert sweep_cli.main(args[3:] + ["--summarize", *extra]) == 0
     assert sorted(finished(workdir)) == ["seed=3"] and not local.read_log(workdir)
     rows = json.load(open(os.path.join(workdir, "summary.json")))
     assert rows == resnet_jax.load_runs(workdir).table
@@ -274,17 +278,3 @@ def test_grid_values_are_read_as_their_fields_types():
                                     {bool: "nesterov", tuple: "input_mean", str: "optimizer"}[
                                         type(value)], plan_lib.format_value(value)) == value
 
-
-def test_a_run_of_several_processes_is_an_experiments_launch(tmp_path):
-    """--processes-per-run: each run is `experiments.launch` of that many processes (the
-    multi-host path on one machine), locally and in the SLURM task alike."""
-    workdir = str(tmp_path / "multi")
-    config = load_config(CONFIG, **dict(TINY, num_epochs=1, parallel="sharded"))
-    done = run_sweep(config, workdir, seeds=1, processes_per_run=2, devices_per_process=1,
-                     progress=False)
-    assert done.outcome.trained == ["seed=0"]
-    log = open(os.path.join(workdir, "logs", "seed=0.log")).read()
-    assert "-m experiments.launch --num-processes 2 --devices-per-process 1 -- --config" in log
-    assert resnet_jax.load_runs(workdir).runs[0].selected["test_count"] == 100
-    script = local.slurm_script(workdir, done.results.plan, processes=2)
-    assert "experiments.launch --num-processes 2" in script
