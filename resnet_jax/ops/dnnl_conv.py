@@ -133,6 +133,10 @@ OPERAND_DTYPES = ("float32", "bfloat16")
 
 
 def _call(kind: str, shape, a, b, strides, pads, groups):
+    if not available():  # registers the library with XLA the first time, in this process
+        raise RuntimeError("oneDNN convolutions are not available here (see the warning "
+                           "above); build them with `python -m resnet_jax.ops.dnnl_conv`, or "
+                           "use ops.cpu_conv, which falls back to XLA's")
     attrs = dict(strides=np.asarray(strides, np.int64),
                  padding=np.asarray([p for pair in pads for p in pair], np.int64),
                  groups=np.int64(groups))
