@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    label = lambda d, s: d + (f" ({args.a if s is spec_a else args.b})" if s else "")  # noqa: E731
+    label_a = dir_a + (f" ({args.a})" if args.a else "")
+    label_b = dir_b + (f" ({args.b})" if args.b else "")
     if args.json:
-        print(json.dumps({"a": label(dir_a, spec_a), "b": label(dir_b, spec_b),
-                          "test": "welch", "metrics": result}, indent=2))
+        print(json.dumps({"a": label_a, "b": label_b, "test": "welch", "metrics": result},
+                         indent=2))
     else:
-        print(table(result, label(dir_a, spec_a), label(dir_b, spec_b)))
+        print(table(result, label_a, label_b))
     return 0
 
 

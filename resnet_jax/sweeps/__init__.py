@@ -57,8 +57,8 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
         return SweepOutcome(load_runs(workdir), local.Outcome(), path)
     outcome = (local.run_all(workdir, plan, jobs, processes_per_run, devices_per_process,
                              echo=echo, progress=progress) if train else local.Outcome())
-    report.write_summary(workdir)
     results = load_runs(workdir)
+    report.write_summary(results)
     done = sum(r.finished for r in results.runs)
     echo(f"{done} of {len(plan.runs)} runs finished; summary: "
          f"{os.path.join(workdir, report.SUMMARY_MD)}")

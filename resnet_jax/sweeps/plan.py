@@ -136,18 +136,7 @@ def format_value(value: Any) -> str:
     """A value as `--config.FIELD=...` takes it (strings raw, the rest as Python literals)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    return repr(_literal(value))
-
-
-def _literal(value: Any) -> Any:
-    """JSON's lists back to the tuples config fields hold."""
-    if isinstance(value, dict):
-        return {k: _literal(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return tuple(_literal(v) for v in value)
-    return value
+    return repr(config_lib.tuples_from_json(json_value(value)))
 
 
 def coerce(field: str, value: Any) -> Any:
@@ -163,7 +152,7 @@ def coerce(field: str, value: Any) -> Any:
     return value
 
 
-def _plain(value: Any) -> Any:
+def json_value(value: Any) -> Any:
     """A value in its JSON form (ConfigDicts as dicts, tuples as lists)."""
     if isinstance(value, ml_collections.ConfigDict):
         value = value.to_dict()
@@ -193,7 +182,7 @@ def make_plan(config: ml_collections.ConfigDict, grid: dict[str, list[Any]] | No
             raise config_lib.unknown_field_error(field)
         if not values:
             raise ValueError(f"grid field {field!r} has no values")
-        plain = [_plain(v) for v in values]
+        plain = [json_value(v) for v in values]
         if len({json.dumps(p, sort_keys=True) for p in plain}) < len(plain):
             raise ValueError(f"grid field {field!r} repeats a value: {values}")
         for value in values:
@@ -211,14 +200,14 @@ def make_plan(config: ml_collections.ConfigDict, grid: dict[str, list[Any]] | No
             where = ", ".join(f"{k}={format_value(v)}" for k, v in point.items())
             raise ValueError(f"grid point {where}: {err}") from None
         for seed in range(config.seed, config.seed + seeds):
-            runs.append(PlannedRun(run_name(point, seed), {k: _plain(v) for k, v in point.items()},
+            runs.append(PlannedRun(run_name(point, seed), {k: json_value(v) for k, v in point.items()},
                                    seed))
     names = [r.name for r in runs]
     if len(set(names)) < len(names):
         clash = next(n for n in names if names.count(n) > 1)
         raise ValueError(f"two runs would share the directory {clash!r}: grid values that "
                          "differ only in characters a directory name cannot hold")
-    return Plan(base, {k: tuple(_plain(v) for v in vs) for k, vs in grid.items()},
+    return Plan(base, {k: tuple(json_value(v) for v in vs) for k, vs in grid.items()},
                 tuple(range(config.seed, config.seed + seeds)), tuple(runs))
 
 

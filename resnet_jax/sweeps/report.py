@@ -232,18 +232,16 @@ def plot_runs_curves(plan: Plan, runs: list[SweepRun], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_summary(workdir: str) -> list[dict[str, Any]]:
-    """Write summary.json, summary.md and the plots of the sweep in `workdir` from its runs
-    as they stand; returns the summary's rows."""
-    plan, runs = collect(workdir)
-    rows = summary_rows(plan, runs)
+def write_summary(results: "SweepResults") -> None:
+    """Write summary.json, summary.md and the plots of a sweep read back (`load_runs`) into
+    its directory."""
+    plan, runs, rows, workdir = results.plan, results.runs, results.table, results.workdir
     metrics_lib.write_json(os.path.join(workdir, SUMMARY_JSON), rows)
     with open(os.path.join(workdir, SUMMARY_MD), "w") as f:
         f.write(markdown(plan, rows))
     if any(r.finished for r in runs):
         plot_summary(plan, rows, runs, os.path.join(workdir, PLOTS[0]))
         plot_runs_curves(plan, runs, os.path.join(workdir, PLOTS[1]))
-    return rows
 
 
 @dataclasses.dataclass
@@ -259,7 +257,8 @@ class SweepResults:
         """The runs of the one grid point whose fields have these values (all of them when
         the sweep has one point and no fields are given)."""
         matches = [(p, g) for p, g in points(self.plan, self.runs)
-                   if all(p.get(k, _MISSING) == _jsonable(v) for k, v in fields.items())]
+                   if all(p.get(k, _MISSING) == plan_lib.json_value(v)
+                          for k, v in fields.items())]
         if len(matches) != 1:
             known = "; ".join(", ".join(f"{k}={plan_lib.format_value(v)}" for k, v in p.items())
                               or "(no grid)" for p, _ in points(self.plan, self.runs))
@@ -276,10 +275,6 @@ class SweepResults:
 
 
 _MISSING = object()
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 
 
 def load_runs(workdir: str) -> SweepResults:

@@ -449,7 +449,7 @@ def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
     """A validated config from its JSON form (a run's config.json, a sweep's base config)."""
     values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
     config = base_config()
-    config.update(_tuples(values))
+    config.update(tuples_from_json(values))
     validate_config(config)
     return config
 
@@ -459,12 +459,12 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort())
 
 
-def _tuples(value: Any) -> Any:
+def tuples_from_json(value: Any) -> Any:
     """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
     if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
+        return {k: tuples_from_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
+        return tuple(tuples_from_json(v) for v in value)
     return value
 
 
