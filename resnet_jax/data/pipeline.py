@@ -410,11 +410,18 @@ def _example_transform(source, info: DatasetInfo, train: bool, augment: str, ima
                        ops: transforms.ImageOps = transforms.ImageOps(),
                        crop: tuple[float, str] = (0.875, "bilinear")):
     return DecodeCrop(source, image_size or 224, train, skip_corrupt, channels,
-                      ops if train else transforms.ImageOps(), augment, _pad(info), *crop)
+                      ops if train else transforms.ImageOps(), augment, _pad(info, image_size),
+                      *crop)
 
 
-def _pad(info: DatasetInfo) -> int:
-    return 4 if (info.image_shape or (32,))[0] >= 32 else 2
+def _pad(info: DatasetInfo, image_size: int | None = None) -> int:
+    return crop_flip_pad((info.image_shape or (image_size or 32,))[0])
+
+
+def crop_flip_pad(side: int) -> int:
+    """crop_flip's margin for images of `side` pixels: 4 from 32 on (the CIFAR recipes), else
+    2 (the MNIST-sized ones)."""
+    return 4 if side >= 32 else 2
 
 
 def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start_step: int = 0,
@@ -442,7 +449,8 @@ def train_batches(source, info: DatasetInfo, global_batch: int, seed: int, start
     steps_per_epoch(len(source), global_batch)  # at least one full batch
     local = _local_batch(global_batch, process_index, process_count)
     positions = TrainPositions(len(source), global_batch, local, process_index, seed,
-                               _pad(info) if augment == "crop_flip" else 0, repeats)
+                               _pad(info, image_size) if augment == "crop_flip" else 0,
+                               repeats)
     stop = end_step if end_step is not None else 2**62 // global_batch
     dataset = _examples_to_batches(positions, source, info, True, augment, image_size,
                                    skip_corrupt, channels, local, stop,

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from resnet_jax.data import pipeline
+from resnet_jax.data import image_sizes, pipeline
 from resnet_jax.data.on_device import DeviceInput
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
                                      holdout, load_source, subset)
@@ -163,6 +163,37 @@ def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
                           eval_crop_pct=crop_pct, interpolation=interpolation)
 
 
+def resolve_image_size(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config with a variable-size dataset's crop size written out (one line logged):
+    `image_size` where given; for an image folder whose sampled images share one size or are
+    all small (`image_sizes`), that size, its whole image at evaluation (`eval_crop_pct` 1)
+    and, unless the config names one, the CIFAR recipes' pad-crop-flip; else 224."""
+    if config.image_size or DATASETS[config.dataset].image_shape is not None:
+        return config
+    if config.dataset != "image_folder" or not config.data_dir:
+        return with_overrides(config, image_size=image_sizes.PHOTO_SIZE)
+    from resnet_jax.data.sources import load_image_folder
+
+    train = load_image_folder(config.data_dir, "train", config.holdout_fraction, config.seed)
+    found = image_sizes.sample_sizes(train.paths, config.seed)
+    seen = (f"{config.data_dir}: {found.describe()} in the headers of {found.sampled:,} of "
+            f"{found.total:,} training images")
+    side = found.native
+    if side is None:
+        config = with_overrides(config, image_size=image_sizes.PHOTO_SIZE)
+        log.info("%s: varied photographs, trained on %d crops (augment %s) and evaluated on "
+                 "the central crop; set image_size to choose", seen, image_sizes.PHOTO_SIZE,
+                 config.augment or DATASETS[config.dataset].augment)
+        return config
+    config = with_overrides(config, image_size=side, eval_crop_pct=config.eval_crop_pct or 1.0,
+                            augment=config.augment or "crop_flip")
+    pad = pipeline.crop_flip_pad(side) if config.augment == "crop_flip" else 0
+    log.info("%s: trained and evaluated at their own size, %dx%d (augment %s%s, whole image "
+             "at evaluation); set image_size to choose", seen, side, side, config.augment,
+             f", pad {pad}" if pad else "")
+    return config
+
+
 def test_split_note(config: ml_collections.ConfigDict) -> str:
     """Why the test split is what it is, where the run chose it itself ('' otherwise): an
     image folder without test/ is tested on val/ (or on the part of train/ held out as val)."""
@@ -243,7 +274,7 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     """Validate the config, load the data, build model and optimizer; the experiment's config
     has its input normalisation written out (`resolve_input`)."""
     validate_config(config)
-    config = resolve_input(resolve_splits(config))
+    config = resolve_input(resolve_image_size(resolve_splits(config)))
     info = info_of(config)
     num_classes = config.num_classes or info.num_classes
     model = build_model(config, num_classes)
