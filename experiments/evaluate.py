@@ -20,7 +20,7 @@ import sys
 def evaluate_run(workdir: str, split: str = "test", which: str = "selected",
                  ema: bool | None = None, subset: int = 0) -> dict:
     """Metrics of checkpoint `which` (selected, best or latest) of the run in `workdir` on
-    `split` (its first `subset` examples when > 0)."""
+    `split` (`subset` of its examples when > 0, sampled across the classes by the seed)."""
     from resnet_jax import Run
 
     run = Run.load(workdir, which, ema)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                         help="the EMA weights (default: as the run selected)")
     parser.add_argument("--subset", type=int, default=0,
-                        help="only the first N examples of the split (0: all)")
+                        help="only N examples of the split, sampled across the classes by the run's seed (0: all)")
     args = parser.parse_args(argv)
     try:
         out = evaluate_run(args.workdir, args.split, args.checkpoint, args.ema, args.subset)

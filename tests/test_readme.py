@@ -183,7 +183,7 @@ def test_train_evaluate(best_run):
     base = argv(evaluate.split(" [")[0], DIR=workdir)
     options = re.findall(r"\[(--[a-z]+)(?: ([a-z|]+))?\]", evaluate)
     assert [o[0] for o in options] == ["--split", "--checkpoint", "--ema"]
-    base += ["--subset", "300"]  # the first 300 examples of each split
+    base += ["--subset", "300"]  # 300 examples of each split, sampled across the classes
     for split in options[0][1].split("|"):
         assert json.loads(run(base + ["--split", split]))["split"] == split
     with open(os.path.join(workdir, "selected.json")) as f:

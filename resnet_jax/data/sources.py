@@ -130,15 +130,31 @@ class FileSource:
 Source = ArraySource | RecordSource | FileSource
 
 
-def subset(source: Source, n: int) -> Source:
-    """The first `n` examples of a source (all of it when n is 0 or larger)."""
+def subset(source: Source, n: int, seed: int = 0) -> Source:
+    """`n` examples of a source chosen by `seed` (all of it when n is 0 or larger), in the
+    source's order: where the labels are held (arrays, image folders), each class in its
+    share of the source (largest remainders), else a uniform sample. The same (source, n,
+    seed) always gives the same examples, on every process and every resume."""
     if not n or n >= len(source):
         return source
-    if isinstance(source, ArraySource):
-        return ArraySource(source.images[:n], source.labels[:n])
-    if isinstance(source, FileSource):
-        return FileSource(source.paths[:n], source.labels[:n])
-    return _Head(source, n)
+    rng = np.random.default_rng([seed, 23])
+    labels = getattr(source, "labels", None)
+    if labels is None:
+        return take(source, np.sort(rng.choice(len(source), n, replace=False)))
+    return take(source, np.sort(stratified_sample(np.asarray(labels), n, rng)))
+
+
+def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `n` of `labels`, each class drawn in proportion to its count; the places
+    left by rounding go to the classes with the largest remainders."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / len(labels)
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[:n - quota.sum()]] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), q, replace=False)
+             for c, q in zip(classes, quota)]
+    return np.concatenate(picks)
 
 
 def take(source: Source, indices: np.ndarray) -> Source:
@@ -175,21 +191,6 @@ class _Taken:
 
     def __getitem__(self, index: int):
         return self.source[int(self.indices[index])]
-
-
-class _Head:
-    """The first n items of a random-access source."""
-
-    def __init__(self, source, n: int):
-        self.source, self.n = source, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.source[index]
 
 
 # --- image folders: DIR/train/CLASS/*, optionally DIR/val/CLASS/* and DIR/test/CLASS/* ---

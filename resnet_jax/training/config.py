@@ -139,8 +139,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                 "RepeatAugSampler): each training image this many times per "
                                 "global batch, on different devices, each copy augmented "
                                 "apart; an epoch keeps its steps; 1: off", bounds=">= 1"),
-        "train_subset": Field(0, ">0: train on the first N examples only", bounds=">= 0"),
-        "eval_subset": Field(0, ">0: evaluate on the first N examples only", bounds=">= 0"),
+        "train_subset": Field(0, ">0: train on N examples only, a sample across the classes "
+                                "in proportion, chosen by the seed", bounds=">= 0"),
+        "eval_subset": Field(0, ">0: evaluate (validation and test) on N examples only, "
+                               "sampled as train_subset", bounds=">= 0"),
     },
     "optimizer": {
         "batch_size": Field(128, "global batch, over all devices and processes", bounds="> 0"),

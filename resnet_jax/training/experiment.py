@@ -237,7 +237,8 @@ def split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
-    """A split of the run: its first `n` examples (all when 0). Grayscale images stay one
+    """A split of the run: `n` of its examples (all when 0), a sample across the classes
+    chosen by the seed (`sources.subset`). Grayscale images stay one
     channel where `channels=3` asks for RGB: the steps repeat the channel on the device.
 
     `split` is a role or a dataset split: "train" (less the held-out validation examples),
@@ -255,7 +256,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
     else:
         name = {"validation": config.validation_dataset_split, "test": config.eval_split}
         source = _load(config, name.get(split) or split)
-    source = subset(source, n)
+    source = subset(source, n, config.seed)
     shape = image_shape(config)
     if isinstance(source, ArraySource):
         channels = source.images.shape[-1]

@@ -166,8 +166,9 @@ class Run:
 
     def evaluate(self, split: str = "test", n: int = 0) -> dict[str, Any]:
         """Loss, accuracy, top-5 accuracy, per-class accuracy and the confusion matrix over
-        every example of `split` (its first `n` when n > 0): a role of `splits` ("train" is
-        train less any held-out validation examples) or a split of the dataset."""
+        every example of `split` (`n` of them, sampled across the classes, when n > 0): a
+        role of `splits` ("train" is train less any held-out validation examples) or a split
+        of the dataset."""
         source = experiment.load_split(self.config, split, n)
         state = TrainState(step=jnp.asarray(self.step, jnp.int32),
                            params=self.variables["params"],
