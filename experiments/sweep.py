@@ -23,7 +23,7 @@ import sys
 
 from resnet_jax.sweeps import plan as plan_lib
 from resnet_jax.sweeps import run_sweep
-from resnet_jax.training import config as config_lib
+from resnet_jax.training.config_files import load_config
 
 OVERRIDE = re.compile(r"--config\.([A-Za-z_][A-Za-z0-9_]*)=(.*)", re.S)
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = parse_args(argv)
-        config = config_lib.load_config(args.config, **overrides)
+        config = load_config(args.config, **overrides)
         grid = plan_lib.parse_grid(args.grid)
         done = run_sweep(config, args.workdir, grid, args.seeds, args.jobs, args.slurm,
                          args.slurm_option, args.processes_per_run, args.devices_per_process,

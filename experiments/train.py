@@ -22,6 +22,8 @@ from ml_collections import config_flags
 
 from resnet_jax.training import config as config_lib
 from resnet_jax.training import experiment
+from resnet_jax.training.config_files import config_names
+from resnet_jax.training.overrides import apply_overrides
 from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.training.checkpoint import CheckpointError
 from resnet_jax.training.guard import WorkdirBusyError
@@ -36,14 +38,16 @@ flags.DEFINE_string("workdir", None, "run directory: config, metrics, checkpoint
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def given_fields(argv: list[str]) -> list[str]:
+    """The NAMEs of the `--config.NAME=...` arguments, in order."""
+    return [m[1] for m in (re.match(r"--config\.([A-Za-z_][A-Za-z0-9_]*)", a) for a in argv)
+            if m]
+
+
 def unknown_overrides(argv: list[str]) -> list[str]:
     """Errors for `--config.NAME=...` arguments whose NAME the config schema lacks."""
-    errors = []
-    for arg in argv:
-        match = re.match(r"--config\.([A-Za-z_][A-Za-z0-9_]*)", arg)
-        if match and match[1] not in config_lib.FIELDS:
-            errors.append(str(config_lib.unknown_field_error(match[1])))
-    return errors
+    return [str(config_lib.unknown_field_error(name)) for name in given_fields(argv)
+            if name not in config_lib.FIELDS]
 
 
 def config_file_errors(argv: list[str]) -> list[str]:
@@ -58,7 +62,7 @@ def config_file_errors(argv: list[str]) -> list[str]:
         path = path.split(":", 1)[0]  # FILE:ARGS passes ARGS to the config's get_config
         if not os.path.isfile(path):
             return [f"--config {path}: no such file; expected an experiment config file "
-                    f"(.py), one of experiments/configs/: {', '.join(config_lib.config_names())}"]
+                    f"(.py), one of experiments/configs/: {', '.join(config_names())}"]
     return []
 
 
@@ -67,10 +71,11 @@ def main(argv):
     sys.stdout.reconfigure(line_buffering=True)  # epoch lines reach logs as they happen
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    config = flags.FLAGS.config
-    experiment.apply_process_settings(config)  # before JAX starts
-
     try:
+        config, lines = apply_overrides(flags.FLAGS.config, given_fields(sys.argv[1:]))
+        for line in lines:
+            logging.info("%s", line)
+        experiment.apply_process_settings(config)  # before JAX starts
         record = train_and_evaluate(config, flags.FLAGS.workdir)
     except tuple(EXIT_STATUS) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -31,8 +29,6 @@ from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
 from resnet_jax.training.parallel import STRATEGIES
 from resnet_jax.training.transfer import FREEZE_CHOICES
 
-# The experiment configs of a checkout, found by name by load_config.
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 DTYPES = ("float32", "bfloat16")
 BOUNDARY_UNITS = ("steps", "epochs")
 MODES = ("auto", "min", "max")
@@ -405,31 +401,6 @@ def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collect
         out[name] = int(value) if _integer_field(name) and isinstance(value, float) else value
     validate_config(out)
     return out
-
-
-def config_names() -> list[str]:
-    """The experiment configs `load_config` knows by name."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.py")
-                  if not p.stem.startswith("_") and p.stem != "common")
-
-
-def load_config(path_or_name: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """A validated config: the `get_config()` of a config file (a path ending in .py) or of
-    the experiment config of that name (experiments/configs/NAME.py), with fields overridden."""
-    path = Path(path_or_name)
-    if path.suffix != ".py":
-        path = CONFIG_DIR / f"{path_or_name}.py"
-        if not path.exists():
-            raise ValueError(f"no experiment config named {path_or_name!r}; known: "
-                             f"{', '.join(config_names())} (or pass a path to a .py file)")
-    elif not path.exists():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(f"resnet_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config()")
-    return with_overrides(module.get_config(), **overrides)
 
 
 # Fields renamed since runs were written: their config.json files still load.

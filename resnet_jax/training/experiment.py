@@ -17,7 +17,7 @@ from resnet_jax.data.on_device import DeviceInput
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
                                      holdout, load_source, subset)
 from resnet_jax.models import get_model, get_spec
-from resnet_jax.training import steps, transfer
+from resnet_jax.training import overrides, steps, transfer
 from resnet_jax.training.config import has_validation, validate_config, with_overrides
 from resnet_jax.training.durations import Durations, durations
 from resnet_jax.training.losses import get_loss
@@ -275,6 +275,7 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     """Validate the config, load the data, build model and optimizer; the experiment's config
     has its input normalisation written out (`resolve_input`)."""
     validate_config(config)
+    overrides.warn_unused(config)
     config = resolve_input(resolve_image_size(resolve_splits(config)))
     info = info_of(config)
     num_classes = config.num_classes or info.num_classes
