@@ -34,6 +34,8 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest on 64-bit hosts
 
 _INT_MAX = 2**31 - 1
 
@@ -74,3 +76,22 @@ def retain_freed_memory() -> bool:
                            mallopt(_M_TRIM_THRESHOLD, _INT_MAX), mallopt(_M_TOP_PAD, 64 << 20)])
     _state["applied"] = applied
     return applied
+
+
+def return_large_buffers() -> bool:
+    """Undo the retention for large blocks: allocations of 32 MiB or more are mapped again
+    and go back to the kernel when freed, and what the heap holds free now is trimmed.
+    For steps large against the host's memory: in one retained heap, blocks of many sizes
+    fragment it, and the process can grow to several times the step's buffers
+    (docs/cpu_speed_log.md, "A retained heap and large steps"). Returns whether anything
+    changed."""
+    if not _state["applied"]:
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    done = all([mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), mallopt(_M_MMAP_MAX, 65536),
+                mallopt(_M_TRIM_THRESHOLD, 128 << 10)])
+    ctypes.CDLL(None).malloc_trim(0)
+    _state["applied"] = False
+    return done
+

@@ -21,7 +21,7 @@ import numpy as np
 
 from resnet_jax.data import pipeline
 from resnet_jax.training import (compilation_cache, config as config_lib, experiment, guard,
-                                 metrics, selection, timing, transfer)
+                                 metrics, preflight, selection, timing, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
@@ -70,6 +70,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
         raise
     start_step = step = int(state.step)
     state = strategy.place_state(state)
+    preflight.check(exp, strategy, state, dropout_rng)  # before any batch is read
     data = experiment.train_data(exp, start_step, saved.get("pipeline"))
     data_state = data.get_state()  # the pipeline's position after the last step's batch
     history = [r for r in metrics.read_metrics(workdir) if r["step"] <= start_step]
@@ -86,7 +87,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
     bar = metrics.progress_bar(d.total_steps, start_step, config.progress_bar and chief)
     pending: list[dict[str, jax.Array]] = []  # step metrics not yet fetched from the devices
     period = metrics.Mean()  # train metrics since the last evaluation
-    clock = timing.Clock(config, workdir, chief, start_step, entered)
+    clock = timing.Clock(config, workdir, chief, start_step, entered, d)
     started = time.monotonic() - record.get("wall_seconds", 0.0)  # a resumed run goes on counting
     skipped, stopped, early, confusion = 0, "", False, {}
 
@@ -161,7 +162,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
                 writer.write(record)
                 history.append(record)
                 if chief:
-                    bar.write(_summary_line(record))
+                    bar.write(metrics.summary_line(record))
                 save()
                 if new_best:
                     save("best")
@@ -233,15 +234,6 @@ def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput, skipp
     if skipped:
         record["skipped_steps"] = skipped
     return record
-
-
-def _summary_line(r: dict[str, Any]) -> str:
-    line = (f"epoch {r['epoch']:g}: train loss {r.get('train_loss', float('nan')):.4f} acc "
-            f"{r.get('train_accuracy', float('nan')):.4f}")
-    for split in ("val", "val_ema", "test", "test_ema"):
-        if f"{split}_loss" in r:
-            line += f" | {split} loss {r[f'{split}_loss']:.4f} acc {r[f'{split}_accuracy']:.4f}"
-    return line + f" | {r['images_per_second']:.0f} img/s"
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

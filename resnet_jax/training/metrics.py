@@ -87,6 +87,16 @@ def show(bar, step: int, values: Mapping[str, float]) -> None:
     bar.update(step - bar.n)  # redraws at most every `mininterval` seconds
 
 
+def summary_line(r: dict[str, Any]) -> str:
+    """An evaluation record in one line: the period's train and evaluation loss and accuracy."""
+    line = (f"epoch {r['epoch']:g}: train loss {r.get('train_loss', float('nan')):.4f} acc "
+            f"{r.get('train_accuracy', float('nan')):.4f}")
+    for split in ("val", "val_ema", "test", "test_ema"):
+        if f"{split}_loss" in r:
+            line += f" | {split} loss {r[f'{split}_loss']:.4f} acc {r[f'{split}_accuracy']:.4f}"
+    return line + f" | {r['images_per_second']:.0f} img/s"
+
+
 def append_jsonl(path: str, record: Mapping[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -95,8 +95,8 @@ def apply_overrides(config: ml_collections.ConfigDict, given: Iterable[str]
                          f"both given; a run's length is one of them (num_steps wins when "
                          f"> 0): give one, or num_steps=0 to count epochs")
     if "num_epochs" in given and config.num_steps:
-        lines.append(f"num_epochs={config.num_epochs} given: the run is {config.num_epochs} "
-                     f"epochs, not the config's num_steps={config.num_steps} (now 0)")
+        lines.append(f"num_epochs={config.num_epochs} given: the run counts epochs, not the "
+                     f"config's num_steps={config.num_steps} (now 0)")
         config = with_overrides(config, num_steps=0)
     elif "num_steps" in given and config.num_steps:
         lines.append(f"num_steps={config.num_steps} given: the run is {config.num_steps} "

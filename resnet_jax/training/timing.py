@@ -26,6 +26,26 @@ def data_wait_warning(share: float, workers: int) -> str:
             f"with: python -m experiments.benchmark --input-pipeline")
 
 
+ESTIMATE_AFTER = 10  # steps after the first (compiled, warmed up) before estimating
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_line(seconds_per_step: float, d, step: int) -> str:
+    """The expected time of an epoch and of the rest of the run at `seconds_per_step`
+    (training only: evaluations add their share)."""
+    return (f"{seconds_per_step:.3g} s per step: an epoch ({d.steps_per_epoch:,} steps) takes "
+            f"about {_duration(seconds_per_step * d.steps_per_epoch)}, the remaining "
+            f"{d.end_step - step:,} steps about {_duration(seconds_per_step * (d.end_step - step))}"
+            f" (training only)")
+
+
 class Profile:
     """A jax.profiler trace of steps first..last (counting from 1; `steps` = () for none)
     written to `where`, readable in TensorBoard's profile tab or XProf; the chief only."""
@@ -56,8 +76,11 @@ class Clock:
     """The training loop's clock: `speed` (images/s and data_wait over windows and periods),
     the profile window, and what a period's record says of the time."""
 
-    def __init__(self, config, workdir: str, chief: bool, start_step: int, entered: float):
+    def __init__(self, config, workdir: str, chief: bool, start_step: int, entered: float,
+                 durations=None):
         self.speed = metrics.Throughput(config.batch_size, start_step)
+        self.durations = durations  # steps per epoch and the run's end, for the estimate
+        self.first: tuple[int, float] | None = None  # (step, time) when the first step was done
         self.profile = Profile(config.profile_steps, os.path.join(workdir, "profile"), chief)
         self.workers = config.data_workers
         self.entered = entered  # time.monotonic() when the run started
@@ -88,6 +111,11 @@ class Clock:
             self.to_first_step = round(time.monotonic() - self.entered, 2)
             log.info("first step done %.2f s after the start", self.to_first_step)
             self.speed.restart(step)
+            self.first = (step, time.monotonic())
+        elif self.first and step == self.first[0] + ESTIMATE_AFTER and self.durations:
+            jax.block_until_ready(out)
+            log.info("%s", estimate_line((time.monotonic() - self.first[1]) / ESTIMATE_AFTER,
+                                         self.durations, step))
 
     def annotate(self, record: dict[str, Any]) -> None:
         """A period's record: the time to the first step (the first record of this start);
