@@ -210,8 +210,10 @@ def _progress(iterable, total: int, desc: str, unit: str, show: bool):
 def _scan_split(directory: str, classes: list[str] | None
                 ) -> tuple[list[str], list[str], list[int]]:
     """(class names, file paths, labels) of one split directory, every file checked to be an
-    image by its name."""
-    found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    image by its name. A class folder's subfolders belong to it (CLASS/part/IMAGE); hidden
+    files (.DS_Store, ...) are passed over."""
+    found = sorted(e.name for e in os.scandir(directory) if e.is_dir()
+                   and not e.name.startswith("."))
     if not found:
         raise ValueError(f"{directory}: no class subfolders; an image folder holds "
                          f"{directory}/CLASS_NAME/IMAGE files")
@@ -227,17 +229,25 @@ def _scan_split(directory: str, classes: list[str] | None
     for name in _progress(found, len(found), f"scanning {directory}", "class",
                            len(found) >= 50):
         folder = os.path.join(directory, name)
-        files = sorted(e.name for e in os.scandir(folder) if e.is_file())
+        files = _files_below(folder)
         if not files:
             raise ValueError(f"{folder}: no image files in class folder {name!r}")
-        for file in files:
-            path = os.path.join(folder, file)
-            if not file.lower().endswith(IMAGE_EXTENSIONS):
+        for path in files:
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
                 raise ValueError(f"{path}: not an image file (allowed extensions: "
                                  f"{', '.join(IMAGE_EXTENSIONS)})")
             paths.append(path)
             labels.append(index[name])
     return classes, paths, labels
+
+
+def _files_below(folder: str) -> list[str]:
+    """The paths of the files in `folder` and its subfolders, sorted; hidden ones left out."""
+    out = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(os.path.join(parent, f) for f in files if not f.startswith("."))
+    return sorted(out)
 
 
 @functools.lru_cache(maxsize=4)
