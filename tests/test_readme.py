@@ -215,16 +215,18 @@ def imagenet_dir(tmp_path_factory):
     return data_dir
 
 
-@pytest.mark.slow
 def test_image_folder(tmp_path):
-    from benchmarks.jpeg_folder import write_folder
+    """The README's command on a CIFAR-style folder, as it is (no size given), one epoch."""
+    from benchmarks.user_folders import write_folder
 
-    folder = write_folder(str(tmp_path / "images"), train=60, val=12, classes=3)
+    folder = write_folder(str(tmp_path / "images"), train=256, val=64, size=32)
     cmd = command(".venv/bin/python -m experiments.train --config "
-                  "experiments/configs/imagenet_resnet50.py --workdir runs/mine")
-    run(argv(cmd, DIR=folder, **{"runs/mine": str(tmp_path / "mine")}) + TINY_IMAGENET
-        + ["--config.batch_size=8", "--config.eval_batch_size=8"])
-    assert json.load(open(tmp_path / "mine" / "selected.json"))["test_count"] == 12
+                  "experiments/configs/cifar10_resnet20.py --workdir runs/mine")
+    run(argv(cmd, DIR=folder, **{"runs/mine": str(tmp_path / "mine")})
+        + ["--config.num_epochs=1", "--config.batch_size=32", "--config.progress_bar=False"])
+    config = json.load(open(tmp_path / "mine" / "config.json"))
+    assert (config["image_size"], config["augment"], config["num_steps"]) == (32, "crop_flip", 0)
+    assert json.load(open(tmp_path / "mine" / "selected.json"))["test_count"] == 64
 
 
 def test_multi_gpu_on_8_devices(tmp_path, imagenet_dir):
