@@ -81,7 +81,7 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.summary": "summary",
     ".venv/bin/python -m experiments.train --config experiments/configs/NAME.py": "train_evaluate",
     ".venv/bin/python -m experiments.evaluate": "train_evaluate",
-    ".venv/bin/python -m experiments.train --config experiments/configs/imagenet_resnet50.py "
+    ".venv/bin/python -m experiments.train --config experiments/configs/cifar10_resnet20.py "
     "--workdir runs/mine": "image_folder",
     "python -m experiments.train --config experiments/configs/imagenet_resnet50.py "
     "--workdir runs/r50": "multi_gpu",
