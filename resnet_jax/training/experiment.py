@@ -15,7 +15,7 @@ import ml_collections
 from resnet_jax.data import image_sizes, pipeline
 from resnet_jax.data.on_device import DeviceInput
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
-                                     holdout, load_source, subset)
+                                     holdout, load_image_folder, load_source, subset)
 from resnet_jax.models import get_model, get_spec
 from resnet_jax.training import overrides, steps, transfer
 from resnet_jax.training.config import has_validation, validate_config, with_overrides
@@ -172,8 +172,6 @@ def resolve_image_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
         return config
     if config.dataset != "image_folder" or not config.data_dir:
         return with_overrides(config, image_size=image_sizes.PHOTO_SIZE)
-    from resnet_jax.data.sources import load_image_folder
-
     train = load_image_folder(config.data_dir, "train", config.holdout_fraction, config.seed)
     found = image_sizes.sample_sizes(train.paths, config.seed)
     seen = (f"{config.data_dir}: {found.describe()} in the headers of {found.sampled:,} of "

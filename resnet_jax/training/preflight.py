@@ -107,26 +107,33 @@ def compile_steps(exp, strategy, state, rng) -> int:
 
 def host_available() -> int:
     """Bytes this process may still come to hold: MemAvailable plus its own resident set,
-    within the cgroup's limit where one is set."""
+    within the cgroup's limit where one is set (0 where the system does not say: no check)."""
     info = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            info[name] = int(value.split()[0]) * 1024
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, value = line.split(":", 1)
+                info[name] = int(value.split()[0]) * 1024
+    except OSError:  # not Linux
+        return 0
     rss = _own_rss()
     available = info.get("MemAvailable", info.get("MemFree", 0)) + rss
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            limit = open(limit_file).read().strip()
-            usage = int(open(usage_file).read().strip())
+            limit, usage = _read(limit_file), int(_read(usage_file))
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < info.get("MemTotal", 1 << 62):
             available = min(available, int(limit) - usage + rss)
         break
     return available
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
 
 
 def _own_rss() -> int:
