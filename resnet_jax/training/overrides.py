@@ -1,10 +1,10 @@
 """Fields that another field silently overrides: the rule for a user's overrides of a config.
 
-A run's length is `num_steps` when it is set, else `num_epochs`: an override of one of the two
-on a config that sets the other wins, and a line says so (both overridden at once is an
-error). Other fields only matter under another field's setting (`lr_boundaries` with the
-piecewise schedule, `image_size` on variable-size datasets, ...): overriding one where it
-would be ignored is an error naming both; a config file that sets one is worth a warning.
+A run's length is `num_steps` when it is set, else `num_epochs`: of the two, the one a user
+overrides last wins (on a config that sets the other too), and a line says so. Other fields
+only matter under another field's setting (`lr_boundaries` with the piecewise schedule,
+`image_size` on variable-size datasets, ...): overriding one where it would be ignored is an
+error naming both; a config file that sets one is worth a warning.
 """
 
 from __future__ import annotations
@@ -85,24 +85,26 @@ def unused_fields(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 def apply_overrides(config: ml_collections.ConfigDict, given: Iterable[str]
                     ) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """(config, lines to log) for a config whose fields `given` a user overrode: an
-    overridden num_epochs on a config with num_steps makes num_steps 0 (the override wins);
-    a ValueError where both lengths, or a field the config ignores, were overridden."""
-    given = set(given)
+    """(config, lines to log) for a config whose fields `given` (in the order given) a user
+    overrode. Of num_epochs and num_steps, the one given last sets the length: num_epochs
+    makes the config's num_steps 0, and a line says which won. A ValueError names an
+    overridden field that the config's other fields make unused."""
+    given = list(given)
+    lengths = [name for name in given if name in ("num_epochs", "num_steps")]
     lines = []
-    if {"num_epochs", "num_steps"} <= given and config.num_steps:
-        raise ValueError(f"num_epochs={config.num_epochs} and num_steps={config.num_steps} are "
-                         f"both given; a run's length is one of them (num_steps wins when "
-                         f"> 0): give one, or num_steps=0 to count epochs")
-    if "num_epochs" in given and config.num_steps:
-        lines.append(f"num_epochs={config.num_epochs} given: the run counts epochs, not the "
-                     f"config's num_steps={config.num_steps} (now 0)")
-        config = with_overrides(config, num_steps=0)
-    elif "num_steps" in given and config.num_steps:
-        lines.append(f"num_steps={config.num_steps} given: the run is {config.num_steps} "
-                     f"steps; num_epochs={config.num_epochs} is not used")
+    if lengths and config.num_steps:
+        other = {"num_epochs": f"num_steps={config.num_steps}",
+                 "num_steps": f"num_epochs={config.num_epochs}"}[lengths[-1]]
+        where = "given before it" if len(set(lengths)) == 2 else "the config's"
+        if lengths[-1] == "num_epochs":
+            lines.append(f"num_epochs={config.num_epochs} given: the run counts "
+                         f"{config.num_epochs} epochs; {where} {other} is now 0")
+            config = with_overrides(config, num_steps=0)
+        else:
+            lines.append(f"num_steps={config.num_steps} given: the run is {config.num_steps} "
+                         f"steps; {where} {other} is not used")
     unused = unused_fields(config)
-    for name in sorted(given & set(unused)):
+    for name in sorted(set(given) & set(unused)):
         raise ValueError(f"{name}={config[name]!r} is given but has no effect: "
                          f"{unused[name]}")
     return config, lines
