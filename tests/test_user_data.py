@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks import user_folders
+from experiments import sweep as sweep_cli
 from resnet_jax.data import image_sizes
 from resnet_jax.data.sources import ArraySource, FileSource, subset
 from resnet_jax.training.config import with_overrides
@@ -201,7 +202,7 @@ def test_of_both_lengths_the_later_wins_and_a_line_says_so(tmp_path):
     assert last_record(workdir)["step"] == 3 and config_of(workdir)["num_steps"] == 0
 
 
-def test_a_field_given_that_the_config_ignores_stops_naming_both(tmp_path):
+def test_a_field_given_that_the_config_ignores_stops_naming_both(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"image_size=64 is given but has no effect: "
                                          r"dataset='fashion_mnist' has fixed-size images"):
         load_config("fashion_mnist", image_size=64)
@@ -211,6 +212,13 @@ def test_a_field_given_that_the_config_ignores_stops_naming_both(tmp_path):
     assert code == 2
     assert ("error: warmup_epochs=2.0 is given but has no effect: schedule='onecycle' has no "
             "warm-up") in out
+    # a sweep's grid is checked before any run starts
+    assert sweep_cli.main(["--config", os.path.join(ROOT, "experiments", "configs",
+                                                    "fashion_mnist.py"),
+                           "--workdir", str(tmp_path / "sweep"), "--grid", "warmup_epochs=1,2",
+                           "--summarize"]) == 2
+    assert "grid point warmup_epochs=1.0: warmup_epochs=1.0 is given but has no effect" in \
+        capsys.readouterr().err
 
 
 def test_no_experiment_config_sets_a_field_it_ignores():

@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.training import config as config_lib
+from resnet_jax.training.overrides import apply_overrides
 
 # the checkout whose `experiments.train` the runs are (configs live beside it too)
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,8 +195,8 @@ def make_plan(config: ml_collections.ConfigDict, grid: dict[str, list[Any]] | No
     runs = []
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
-        try:
-            config_lib.with_overrides(config, **point)
+        try:  # as each run's command line will give it (`overrides`)
+            apply_overrides(config_lib.with_overrides(config, **point), point)
         except ValueError as err:
             where = ", ".join(f"{k}={format_value(v)}" for k, v in point.items())
             raise ValueError(f"grid point {where}: {err}") from None
