@@ -169,22 +169,22 @@ def check(exp, strategy, state, rng) -> Plan:
     c = exp.config
     need = compile_steps(exp, strategy, state, rng)
     limit, where = device_limit()
+    shape = batch_images_shape(exp, c.batch_size, True)
     if need and where == "host":
         # CPU devices share the host's memory; the input pipeline's batches live there too
-        need = need * jax.local_device_count() + PREFETCHED * int(
-            np.prod(batch_images_shape(exp, c.batch_size, True))) * max(1, c.data_workers)
+        need = (need * jax.local_device_count()
+                + PREFETCHED * int(np.prod(shape)) * max(1, c.data_workers))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    plan = Plan(batch_images_shape(exp, c.batch_size, True), params // _copies(strategy),
-                forward_flops(exp), need, limit, where)
+    plan = Plan(shape, params // _copies(strategy), forward_flops(exp), need, limit, where)
     if need and limit and need > HEADROOM * limit:
+        machine = "this machine" if where == "host" else where
         size = c.image_size or "the dataset's"
         raise MemoryBudgetError(
             f"a training step needs {need / GIB:.1f} GiB (XLA's memory analysis of the "
-            f"compiled step, batch {c.batch_size} of {plan.input_shape[1]}x"
-            f"{plan.input_shape[2]} images) but {'this machine' if where == 'host' else where} has {limit / GIB:.1f} GiB available: "
-            f"lower batch_size (now {c.batch_size}) or image_size (now {size}), or raise "
-            f"grad_accumulation_steps (now {c.grad_accumulation_steps}) or lower data_workers "
-            f"(now {c.data_workers})")
+            f"compiled step, batch {c.batch_size} of {shape[1]}x{shape[2]} images) but "
+            f"{machine} has {limit / GIB:.1f} GiB available: lower batch_size (now "
+            f"{c.batch_size}) or image_size (now {size}), or raise grad_accumulation_steps "
+            f"(now {c.grad_accumulation_steps}) or lower data_workers (now {c.data_workers})")
     if where == "host" and need and RETAINED * need > HEADROOM * limit \
             and heap.return_large_buffers():
         log.info("a step of %.1f GiB is large for this machine's %.1f GiB: its buffers go "
