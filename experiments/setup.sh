@@ -44,6 +44,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -r "$REQUIREMENTS"
+# the package itself, editable (the resnet-jax-* commands; the pinned files gave its dependencies)
+"$VENV/bin/python" -m pip install --quiet --no-deps -e .
 # oneDNN's convolutions for the CPU path (x86-64 Linux); without them XLA's are used.
 if [ "$ACCELERATOR" = cpu ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   "$VENV/bin/python" -m resnet_jax.ops.dnnl_conv \

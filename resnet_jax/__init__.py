@@ -22,7 +22,7 @@ import ml_collections
 
 from resnet_jax.models import get_model, list_models
 from resnet_jax.sweeps import compare, load_runs, sweep
-from resnet_jax.training.config_files import load_config
+from resnet_jax.configs import load_config
 from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.training.run import Run
 

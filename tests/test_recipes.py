@@ -18,7 +18,7 @@ from resnet_jax.data.pipeline import DecodeCrop, TrainPositions
 from resnet_jax.models import get_model
 from resnet_jax.models.resnet import drop_path, drop_path_rates
 from resnet_jax.training.config import base_config, validate_config
-from resnet_jax.training.config_files import load_config
+from resnet_jax.configs import load_config
 from resnet_jax.training.durations import durations
 from resnet_jax.training.losses import get_loss, thresholded_targets
 from resnet_jax.training.optim import make_optimizer

@@ -21,7 +21,8 @@ import pytest
 from conftest import ROOT
 from resnet_jax.training import experiment, guard, loop
 from resnet_jax.training.losses import get_loss
-from resnet_jax.training.checkpoint import CheckpointError, Checkpointer
+from resnet_jax.training.checkpoint import Checkpointer
+from resnet_jax.training.rundir import CheckpointError
 from resnet_jax.training.config import base_config, validate_config
 
 EVERY = 2  # checkpoint_every_steps of the process tests

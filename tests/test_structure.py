@@ -71,7 +71,9 @@ ALLOWED = {
     "resnet_jax.convert": {"resnet_jax.models"},
     "resnet_jax.training": {"resnet_jax.models", "resnet_jax.data", "resnet_jax.convert",
                             "resnet_jax.ops"},
-    "resnet_jax": {"resnet_jax.models", "resnet_jax.training"},
+    "resnet_jax.configs": {"resnet_jax.training"},
+    "resnet_jax": {"resnet_jax.models", "resnet_jax.training", "resnet_jax.configs"},
+    "resnet_jax.cli": {"resnet_jax"},
     "benchmarks": {"resnet_jax"},
     "experiments": {"resnet_jax", "benchmarks"},
 }
@@ -80,7 +82,7 @@ ALLOWED = {
 def _package(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "resnet_jax" and len(parts) > 1 and parts[1] in (
-            "models", "data", "ops", "convert", "training"):
+            "models", "data", "ops", "convert", "training", "configs", "cli"):
         return ".".join(parts[:2])
     return parts[0]
 
@@ -192,7 +194,7 @@ def test_no_import_cycle_between_modules():
     assert "resnet_jax.training.optim" in graph["resnet_jax.training.config"]  # it sees imports
     assert "resnet_jax.models.resnet" in graph["resnet_jax.models"]  # a package's __init__
     assert {"resnet_jax.training.experiment", "resnet_jax.training.loop"} <= graph[
-        "resnet_jax.training.run"] | graph["experiments.train"]  # from PACKAGE import MODULE
+        "resnet_jax.training.run"] | graph["resnet_jax.cli.train"]  # from PACKAGE import MODULE
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
@@ -252,10 +254,16 @@ def test_an_unknown_field_on_the_command_line_is_a_clean_error(tmp_path, argumen
 FASHION = os.path.join("experiments", "configs", "fashion_mnist.py")
 BAD_INPUTS = {  # name -> (arguments after the module, the message's telling part)
     "config file missing": (["--config", "experiments/configs/fashion_mnst.py"],
-                            "--config experiments/configs/fashion_mnst.py: no such file; "
-                            "expected an experiment config file (.py), one of "
-                            "experiments/configs/: cifar10_resnet110,"),
-    "config= file missing": (["--config=nowhere/fm.py"], "--config nowhere/fm.py: no such file"),
+                            "--config: config file 'experiments/configs/fashion_mnst.py' not "
+                            "found; expected a .py config file, a run's config.json or one of: "
+                            "cifar10_resnet110,"),
+    "config= file missing": (["--config=nowhere/fm.py"],
+                             "--config: config file 'nowhere/fm.py' not found"),
+    "config name unknown": (["--config", "fashion_mnst"],
+                            "--config: no experiment config named 'fashion_mnst'; known: "
+                            "cifar10_resnet110,"),
+    "config JSON not an object": (["--config", "{file}.json"],
+                                  "a_file.json: expected a JSON object of config fields"),
     "workdir is a file": (["--workdir", "{file}"],
                           "workdir {file} is a file; expected a directory for the run"),
     "workdir inside a file": (["--workdir", "{file}/run"],
@@ -280,6 +288,7 @@ def test_bad_input_on_the_command_line_is_one_line_naming_it(tmp_path, case):
     arguments, message = BAD_INPUTS[case]
     (tmp_path / "empty").mkdir()
     (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "a_file.json").write_text("[1, 2]")
     fill = {"{file}": str(tmp_path / "a_file"), "{empty}": str(tmp_path / "empty")}
     for key, value in fill.items():
         arguments = [a.replace(key, value) for a in arguments]

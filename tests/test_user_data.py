@@ -19,7 +19,7 @@ from experiments import sweep as sweep_cli
 from resnet_jax.data import image_sizes
 from resnet_jax.data.sources import ArraySource, FileSource, subset
 from resnet_jax.training.config import with_overrides
-from resnet_jax.training.config_files import load_config
+from resnet_jax.configs import load_config
 from resnet_jax.training.overrides import apply_overrides, unused_fields
 from resnet_jax.training.run import Run
 
@@ -222,7 +222,7 @@ def test_a_field_given_that_the_config_ignores_stops_naming_both(tmp_path, capsy
 
 
 def test_no_experiment_config_sets_a_field_it_ignores():
-    from resnet_jax.training.config_files import config_names
+    from resnet_jax.configs import config_names
 
     assert {name: unused_fields(load_config(name)) for name in config_names()} == \
         {name: {} for name in config_names()}

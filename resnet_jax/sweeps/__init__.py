@@ -17,7 +17,7 @@ import ml_collections
 
 from resnet_jax.sweeps import local, plan as plan_lib, report, stats
 from resnet_jax.sweeps.report import SweepResults, SweepRun, load_runs
-from resnet_jax.training.config_files import load_config
+from resnet_jax.configs import load_config
 
 
 @dataclasses.dataclass

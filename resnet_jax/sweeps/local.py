@@ -16,12 +16,12 @@ import threading
 import time
 from typing import Callable
 
-from resnet_jax.sweeps import plan as plan_lib
+from resnet_jax.sweeps import pinned, plan as plan_lib
 from resnet_jax.sweeps.plan import Plan, PlannedRun
+from resnet_jax.training import rundir
 
 LOG_FILE = "sweep_log.jsonl"  # one line per start of a run: when, how long, exit status
 SLURM_FILE = "sweep.sbatch"
-BUSY = 3  # experiments.train's exit status when another process holds the run's workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +74,11 @@ def shares(jobs: int, gpus: list[str] | None = None, cores: list[int] | None = N
     return [Share({"OMP_NUM_THREADS": str(len(g))}, g) for g in groups]
 
 
-def _pin(cores: tuple[int, ...] | None) -> Callable[[], None] | None:
+def _pinned(command: list[str], cores: tuple[int, ...] | None) -> list[str]:
+    """`command` started pinned to `cores` (where the OS lets a process choose its cores)."""
     if cores is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    return lambda: os.sched_setaffinity(0, cores)
+        return command
+    return pinned.command(cores, command)
 
 
 def append_log(workdir: str, entry: dict) -> None:
@@ -125,9 +126,7 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
         return outcome
     free = shares(min(jobs, len(todo)))
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(plan_lib.ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = plan_lib.run_environment()
     running: dict[subprocess.Popen, tuple[PlannedRun, Share, float, object]] = {}
     stop = {"signal": 0}
 
@@ -149,12 +148,12 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
             while todo and free and not stop["signal"]:
                 run, share = todo.pop(0), free.pop(0)
                 log = open(os.path.join(workdir, "logs", f"{run.name}.log"), "a")
-                command = plan_lib.run_command(workdir, run, processes, devices_per_process)
+                command = _pinned(plan_lib.run_command(workdir, run, processes,
+                                                       devices_per_process), share.cores)
                 log.write(f"$ {shlex.join(command)}\n")
                 log.flush()
-                proc = subprocess.Popen(command, cwd=plan_lib.ROOT, env={**env, **share.env},
-                                        stdout=log, stderr=subprocess.STDOUT,
-                                        preexec_fn=_pin(share.cores), start_new_session=True)
+                proc = subprocess.Popen(command, env={**env, **share.env}, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
                 running[proc] = (run, share, time.time(), log)
             done = [p for p in running if p.poll() is not None]
             if not done:
@@ -172,7 +171,7 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
                 if finished:
                     outcome.trained.append(run.name)
                     bar.update(1)
-                elif proc.returncode == BUSY:
+                elif proc.returncode == rundir.EXIT_BUSY:
                     outcome.busy.append(run.name)
                     echo(f"run {run.name} is in use by another process (a SLURM task, another "
                          "sweep): left to it")
@@ -210,8 +209,8 @@ def slurm_script(workdir: str, plan: Plan, options: list[str] = (), processes: i
              f"#SBATCH --output={os.path.join(workdir, 'logs', 'slurm-%A_%a.log')}",
              *[f"#SBATCH {option}" for option in options],
              "set -euo pipefail",
-             f"cd {shlex.quote(str(plan_lib.ROOT))}",
-             f"export PYTHONPATH={shlex.quote(str(plan_lib.ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+             f"cd {shlex.quote(os.getcwd())}",
+             f"export PYTHONPATH={shlex.quote(str(plan_lib.PACKAGE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
              'case "${SLURM_ARRAY_TASK_ID:?set by sbatch; to run one task by hand, set it}" in']
     for i, run in enumerate(plan.runs):
         command = plan_lib.run_command(workdir, run, processes, devices_per_process, python)

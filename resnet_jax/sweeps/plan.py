@@ -1,6 +1,7 @@
 """A sweep's plan: a grid of config values times seeds, expanded into named runs, every
 value checked against the config schema before anything runs, and each run's command
-(an ordinary `experiments.train` command line)."""
+(an ordinary train command line: `python -m resnet_jax.cli.train`, the installed package's
+`resnet-jax-train`)."""
 
 from __future__ import annotations
 
@@ -17,29 +18,22 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.training import config as config_lib
+from resnet_jax.training import rundir
 from resnet_jax.training.overrides import apply_overrides
 
-# the checkout whose `experiments.train` the runs are (configs live beside it too)
-ROOT = Path(__file__).resolve().parents[2]
 PLAN_FILE = "sweep.json"
-CONFIG_FILE = "config.py"
+CONFIG_FILE = "config.json"  # the sweep's base config, as a run's config.json holds one
 RUNS_DIR = "runs"
 # what a run's directory name may hold; anything else in a value becomes "_"
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=-]+")
 _MAX_NAME = 200
 
-# config.py of a sweep: experiments.train reads the sweep's base config from sweep.json
-_CONFIG_PY = '''"""The base config of the sweep in this directory (its sweep.json), for experiments.train."""
-import json
-import os
-
-from resnet_jax.training.config import config_from_dict
-
-
-def get_config():
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep.json")) as f:
-        return config_from_dict(json.load(f)["config"])
-'''
+# the directory that holds this resnet_jax (site-packages, or a checkout used in place): the
+# runs' processes import the same package
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+# the train command, run from the package (no checkout needed)
+TRAIN_MODULE = "resnet_jax.cli.train"
+LAUNCH_MODULE = "resnet_jax.cli.launch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +211,7 @@ def run_dir(workdir: str, run: PlannedRun) -> str:
 
 
 def train_args(workdir: str, run: PlannedRun) -> list[str]:
-    """The `experiments.train` arguments of a run (the sweep's config.py, its workdir, its
+    """The train command's arguments of a run (the sweep's config.json, its workdir, its
     overrides): the run is an ordinary run, which this command resumes too."""
     args = ["--config", os.path.join(os.path.abspath(workdir), CONFIG_FILE),
             "--workdir", run_dir(workdir, run)]
@@ -226,22 +220,28 @@ def train_args(workdir: str, run: PlannedRun) -> list[str]:
 
 def run_command(workdir: str, run: PlannedRun, processes: int = 1, devices_per_process: int = 1,
                 python: str = sys.executable) -> list[str]:
-    """The whole command of a run: `python -m experiments.train ...`, or with several
-    processes `python -m experiments.launch ... -- ...` around the same arguments."""
+    """The whole command of a run: `python -m resnet_jax.cli.train ...`, or with several
+    processes `python -m resnet_jax.cli.launch ... -- ...` around the same arguments."""
     if processes > 1:
-        return [python, "-m", "experiments.launch", "--num-processes", str(processes),
+        return [python, "-m", LAUNCH_MODULE, "--num-processes", str(processes),
                 "--devices-per-process", str(devices_per_process), "--",
                 *train_args(workdir, run)]
-    return [python, "-m", "experiments.train", *train_args(workdir, run)]
+    return [python, "-m", TRAIN_MODULE, *train_args(workdir, run)]
 
 
-def is_finished(path: str) -> bool:
-    """Whether the run in `path` finished (it wrote the model it hands over, selected.json)."""
-    return os.path.exists(os.path.join(path, "selected.json"))
+def run_environment() -> dict[str, str]:
+    """The environment of a run's process: this one's, with the package on its path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(PACKAGE_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+is_finished = rundir.is_finished  # whether a run finished (it wrote selected.json)
 
 
 def write_plan(workdir: str, plan: Plan) -> None:
-    """Write sweep.json and config.py into `workdir`. A sweep already there must be the same
+    """Write sweep.json and config.json (the base config) into `workdir`. A sweep already there must be the same
     config, grid and seeds (a ValueError says what differs): its runs are resumed."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, PLAN_FILE)
@@ -263,7 +263,7 @@ def write_plan(workdir: str, plan: Plan) -> None:
         json.dump(plan.to_dict(), f, indent=2)
     os.replace(tmp, path)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(_CONFIG_PY)
+        json.dump(plan.config, f, indent=2)
 
 
 def read_plan(workdir: str) -> Plan:

@@ -15,6 +15,7 @@ from resnet_jax.sweeps import plan as plan_lib
 from resnet_jax.sweeps.plan import Plan
 from resnet_jax.training import metrics as metrics_lib
 from resnet_jax.training.run import Run
+from resnet_jax.training import rundir
 
 TIME_METRIC = "wall_seconds"  # the run's training loop, evaluations included (metrics.jsonl)
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
@@ -66,10 +67,7 @@ def collect(workdir: str) -> tuple[Plan, list[SweepRun]]:
     runs = []
     for r in plan.runs:
         where = plan_lib.run_dir(workdir, r)
-        selected = {}
-        if plan_lib.is_finished(where):
-            with open(os.path.join(where, "selected.json")) as f:
-                selected = json.load(f)
+        selected = rundir.read_selected(where)
         history = metrics_lib.read_metrics(where) if os.path.isdir(where) else []
         runs.append(SweepRun(r.name, r.point, r.seed, where, selected, history))
     return plan, runs

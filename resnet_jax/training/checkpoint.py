@@ -29,7 +29,9 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 from flax.core import unfreeze
 
+from resnet_jax.training import rundir
 from resnet_jax.training.parallel import fetch
+from resnet_jax.training.rundir import CheckpointError
 
 log = logging.getLogger("resnet_jax")
 
@@ -39,8 +41,6 @@ def to_host(state: Any) -> Any:
     return jax.tree.map(fetch, state)
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint although some exist (all damaged)."""
 
 
 class _Damaged(Exception):
@@ -313,23 +313,14 @@ class Checkpointer:
         self.best.close()
 
 
-def read_selected(workdir: str) -> dict[str, Any]:
-    """The run's selected.json (the model a finished run handed over), or {}."""
-    path = os.path.join(workdir, "selected.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
 def selected_checkpoint(workdir: str) -> tuple[str, int | None]:
     """("best" or "latest", step or None) of the model the run in `workdir` hands over: the
     step selected.json names; before the run finished, its best checkpoint if it has one,
     else its latest (step None: the newest intact one)."""
-    chosen = read_selected(workdir)
+    chosen = rundir.read_selected(workdir)
     if chosen:
         return ("latest" if chosen.get("by") == "last step" else "best"), int(chosen["step"])
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS))
     try:
         has_best = bool(ckpt.steps("best"))
     finally:

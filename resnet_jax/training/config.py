@@ -28,6 +28,7 @@ from resnet_jax.training.losses import LOSSES
 from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
 from resnet_jax.training.parallel import STRATEGIES
 from resnet_jax.training.transfer import FREEZE_CHOICES
+from resnet_jax.training import rundir
 
 DTYPES = ("float32", "bfloat16")
 BOUNDARY_UNITS = ("steps", "epochs")
@@ -411,7 +412,7 @@ REMOVED = {"plateau_accumulation"}
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with (its config.json), validated."""
-    path = os.path.join(workdir, "config.json")
+    path = rundir.path(workdir, rundir.CONFIG)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
     with open(path) as f:

@@ -13,8 +13,7 @@ import time
 from typing import Iterator
 
 
-class WorkdirBusyError(RuntimeError):
-    """Another run holds the workdir."""
+from resnet_jax.training.rundir import LOCK, WorkdirBusyError
 
 
 def check_workdir(workdir: str) -> None:
@@ -34,7 +33,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     WorkdirBusyError instead of interleaving checkpoints. The lock is an flock, so the
     kernel releases it when the holder dies, even by SIGKILL."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, ".lock")
+    path = os.path.join(workdir, LOCK)
     handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

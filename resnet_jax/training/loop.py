@@ -28,6 +28,7 @@ from resnet_jax.training.evaluation import evaluate_split, selected, with_platea
 from resnet_jax.training.experiment import Experiment
 from resnet_jax.training.parallel import fetch, maybe_initialize_distributed
 from resnet_jax.training.state import create_train_state
+from resnet_jax.training import rundir
 
 log = logging.getLogger("resnet_jax")
 
@@ -61,7 +62,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
     init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3, 4))(
         exp.model, exp.tx, init_rng, exp.image_shape, config.ema_decay > 0)
-    where = os.path.join(workdir, "checkpoints")
+    where = rundir.path(workdir, rundir.CHECKPOINTS)
     ckpt = Checkpointer(where, keep=config.keep_checkpoints)
     try:
         state, saved = _restore_or_initialize(exp, state, ckpt, where, chief)
@@ -115,7 +116,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
             line["corrupt_images"] = corrupt
         metrics.show(bar, step, line)
         if chief:
-            metrics.append_jsonl(os.path.join(workdir, "train_metrics.jsonl"),
+            metrics.append_jsonl(rundir.path(workdir, rundir.TRAIN_METRICS),
                                  {"step": step, **line, "skipped_steps": skipped})
 
     def save(which: str = "latest") -> None:
@@ -195,8 +196,8 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
     if (step == d.total_steps or early) and history:
         chosen = selected(exp, state, strategy, decisions, record, confusion, where)  # all processes
         if chief:
-            metrics.write_json(os.path.join(workdir, "selected.json"), chosen["summary"])
-            plots = os.path.join(workdir, "plots")
+            metrics.write_json(rundir.path(workdir, rundir.SELECTED), chosen["summary"])
+            plots = rundir.path(workdir, rundir.PLOTS)
             metrics.plot_curves(history, os.path.join(plots, "curves.png"))
             metrics.plot_confusion_matrix(chosen["confusion"], exp.info.class_names,
                                           os.path.join(plots, "confusion_matrix.png"))
@@ -238,5 +239,5 @@ def _record(step: int, d, period: metrics.Mean, speed: metrics.Throughput, skipp
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    with open(rundir.path(workdir, rundir.CONFIG), "w") as f:
         json.dump(config_lib.config_to_dict(config), f, indent=2, sort_keys=True)

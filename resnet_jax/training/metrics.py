@@ -14,6 +14,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from resnet_jax.training import rundir
 
 
 class Mean:
@@ -113,13 +114,13 @@ class MetricWriter:
     TensorBoard."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = rundir.path(workdir, rundir.METRICS)
         self.enabled = enabled
         self._tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(rundir.path(workdir, rundir.TENSORBOARD))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -137,7 +138,7 @@ class MetricWriter:
 
 def rewrite_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
     """Replace metrics.jsonl by `records` (atomically), e.g. after resuming from an earlier step."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = rundir.path(workdir, rundir.METRICS)
     if not os.path.exists(path) and not records:
         return
     tmp = path + ".tmp"
@@ -148,7 +149,7 @@ def rewrite_metrics(workdir: str, records: list[dict[str, Any]]) -> None:
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """The records of metrics.jsonl ([] if there is none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = rundir.path(workdir, rundir.METRICS)
     if not os.path.exists(path):
         return []
     with open(path) as f:

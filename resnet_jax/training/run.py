@@ -17,12 +17,14 @@ import numpy as np
 from resnet_jax.data.sources import DatasetInfo, Source, load_source
 from resnet_jax.data.transforms import center_crop
 from resnet_jax.training import experiment, metrics, selection
-from resnet_jax.training.checkpoint import Checkpointer, read_selected, selected_checkpoint
+from resnet_jax.training.checkpoint import Checkpointer, selected_checkpoint
+from resnet_jax.training.rundir import read_selected
 from resnet_jax.training.config import run_config
 from resnet_jax.training.evaluation import evaluate
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.state import TrainState
 from resnet_jax.training.steps import eval_logits, make_eval_step
+from resnet_jax.training import rundir
 
 WHICH = ("selected", "best", "latest")
 
@@ -70,7 +72,7 @@ class Run:
         step = None
         if which == "selected":
             which, step = selected_checkpoint(workdir)
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+        ckpt = Checkpointer(rundir.path(workdir, rundir.CHECKPOINTS))
         try:
             restored = (ckpt.restore_step(which, step) if step is not None
                         else ckpt.restore_checked(None, which))

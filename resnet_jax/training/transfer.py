@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
+from resnet_jax.training import rundir
 
 log = logging.getLogger("resnet_jax")
 
@@ -84,12 +85,12 @@ def load_pretrained(directory: str) -> dict[str, Any]:
         with ocp.StandardCheckpointer() as ckpt:
             out = ckpt.restore(converted)
         return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
+    if os.path.isdir(rundir.path(directory, rundir.CHECKPOINTS)):
         from resnet_jax.training.checkpoint import (Checkpointer, read_selected,
                                                     selected_checkpoint)
 
         which, step = selected_checkpoint(directory)
-        ckpt = Checkpointer(os.path.join(directory, "checkpoints"))
+        ckpt = Checkpointer(rundir.path(directory, rundir.CHECKPOINTS))
         try:
             state = ckpt.restore(None, which, step)
         finally:
@@ -120,7 +121,7 @@ def recorded_preprocessing(directory: str) -> dict[str, Any] | None:
         if isinstance(recorded, dict) and "mean" in recorded and "std" in recorded:
             return recorded
         return None
-    path = os.path.join(directory, "config.json")
+    path = rundir.path(directory, rundir.CONFIG)
     if os.path.exists(path):
         with open(path) as f:
             c = json.load(f)

@@ -8,7 +8,7 @@ recipe; not yet measured here (hours per epoch on a 2-core CPU, see RESULTS.md):
 an accelerator.
 """
 
-from experiments.configs.common import cifar_imagenet_layout
+from resnet_jax.configs.common import cifar_imagenet_layout
 
 
 def get_config():

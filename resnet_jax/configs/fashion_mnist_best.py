@@ -21,7 +21,7 @@ at 95.9% (96.3% with random erasing) after hundreds of GPU epochs; the seed arti
 ResNet-50 91.4% after 400.
 """
 
-from experiments.configs import fashion_mnist
+from resnet_jax.configs import fashion_mnist
 
 
 def get_config():

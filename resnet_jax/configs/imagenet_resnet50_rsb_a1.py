@@ -12,7 +12,7 @@ RandAugment draws its magnitude around 7 (std 0.5, timm's rand-m7-mstd0.5-inc1);
 RandAugment uses the fixed magnitude.
 """
 
-from experiments.configs.common import resnet_strikes_back
+from resnet_jax.configs.common import resnet_strikes_back
 
 
 def get_config():

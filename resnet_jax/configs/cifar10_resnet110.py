@@ -7,7 +7,7 @@ tfds' cifar10 (`tfds build cifar10` where the network is reachable, then
 --config.data_dir=DIR) and days on a 2-core CPU: run it on an accelerator.
 """
 
-from experiments.configs.common import cifar_paper
+from resnet_jax.configs.common import cifar_paper
 
 
 def get_config():

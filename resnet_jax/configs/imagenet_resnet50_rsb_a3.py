@@ -11,7 +11,7 @@ Not measured here: it needs the ImageNet archives and several accelerators. The 
 RandAugment draws its magnitude around 6 (std 0.5); this RandAugment uses the fixed magnitude.
 """
 
-from experiments.configs.common import resnet_strikes_back
+from resnet_jax.configs.common import resnet_strikes_back
 
 
 def get_config():
