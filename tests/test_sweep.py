@@ -217,7 +217,7 @@ def test_other_bad_input_is_refused_before_any_run(tmp_path, capsys):
 
 def test_the_slurm_script_task_trains_the_run_it_names(tmp_path, capsys):
     """The README's 5-seed sweep of the main job, as a SLURM job array on tiny data, each run
-    of two processes: the task's command is `experiments.launch` (the multi-host path)."""
+    of two processes: the task's command is the launch command (the multi-host path)."""
     workdir = str(tmp_path / "cluster")
     args = argv(command(SEEDS_COMMAND), **{"runs/fashion_mnist_seeds": workdir,
                                            "experiments/configs/fashion_mnist.py": CONFIG})
@@ -230,7 +230,7 @@ def test_the_slurm_script_task_trains_the_run_it_names(tmp_path, capsys):
     text = open(script).read()
     assert "#SBATCH --array=0-4\n" in text and "#SBATCH --gres=gpu:1\n" in text
     assert "#SBATCH --time=1:00:00\n" in text
-    assert "-m experiments.launch --num-processes 2 --devices-per-process 1 -- --config" in text
+    assert "-m resnet_jax.cli.launch --num-processes 2 --devices-per-process 1 -- --config" in text
     assert not os.path.exists(os.path.join(workdir, "runs"))  # nothing trained yet
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="3", JAX_PLATFORMS="cpu")
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)

@@ -101,3 +101,10 @@ def disassemble(variables: Mapping, expected: Mapping, rules: Mapping[tuple[str,
     for name in [n for n in out if n.endswith(".running_var")]:
         out[name[:-len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
     return out
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A state_dict's value as a NumPy array (a torch tensor is detached and moved to the CPU)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)

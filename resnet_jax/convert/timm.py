@@ -25,9 +25,10 @@ from resnet_jax.convert.common import (
     disassemble,
     expected_variables,
     input_channels,
+    to_numpy,
 )
 from resnet_jax.convert.torchvision import RESNETS as TORCHVISION_RESNETS
-from resnet_jax.convert.torchvision import _numpy, resnet_rules, torchvision_name
+from resnet_jax.convert.torchvision import resnet_rules, torchvision_name
 from resnet_jax.models import get_spec
 
 DEEP_STEM = ("resnet18d", "resnet26d", "resnet34d", "resnet50d", "resnet101d", "resnet152d",
@@ -64,7 +65,7 @@ def convert(state_dict: Mapping[str, Any], model_name: str) -> dict[str, Any]:
     """{"params", "batch_stats"} of the registry model `model_name` (timm's name) from a
     state_dict in timm's layout; the class count is read from `fc.bias`."""
     _check(model_name)
-    source = {k: _numpy(v) for k, v in state_dict.items()}
+    source = {k: to_numpy(v) for k, v in state_dict.items()}
     if "fc.bias" not in source:
         raise ConversionError("state_dict lacks 'fc.bias'")
     first = source.get("conv1.0.weight", source.get("conv1.weight"))
@@ -101,14 +102,26 @@ def preprocess_of(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
             "test_crop_pct": float(pretrained_cfg.get("test_crop_pct", crop_pct))}
 
 
-def hub_cache() -> str:
-    """The local Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    ~/.cache/huggingface/hub (huggingface_hub's own order)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return os.path.join(home, "hub")
+def _from_hub_cache(path: str) -> str:
+    """The snapshot directory of `hf-hub:ORG/NAME[@REVISION]` in the local Hugging Face cache
+    (huggingface_hub's lookup, which never downloads; $HF_HUB_CACHE as this process has it
+    now, else huggingface_hub's default)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise ImportError(f"{path}: reading the Hugging Face cache needs huggingface_hub "
+                          "(pip install huggingface_hub, or resnet_jax[convert])") from None
+    repo, _, revision = path[len(HUB_PREFIX):].partition("@")
+    cache = os.environ.get("HF_HUB_CACHE") or None
+    found = [try_to_load_from_cache(repo, name, cache_dir=cache, revision=revision or None)
+             for name in (WEIGHTS_FILE, CONFIG_FILE)]
+    if not all(isinstance(f, str) for f in found):
+        raise FileNotFoundError(
+            f"{path} is not in the local Hugging Face cache"
+            f"{f' ({cache})' if cache else ''}: runs never download. Fetch it once with "
+            f"`hf download {repo} {WEIGHTS_FILE} {CONFIG_FILE}` (`huggingface-cli download` on "
+            "older huggingface_hub), or point HF_HUB_CACHE at a cache that holds it")
+    return os.path.dirname(found[0])
 
 
 def resolve(path: str) -> str:
@@ -116,20 +129,7 @@ def resolve(path: str) -> str:
     `hf-hub:ORG/NAME[@REVISION]` its snapshot in the local cache. A FileNotFoundError naming
     the download command when it is not there: runs never download."""
     if path.startswith(HUB_PREFIX):
-        repo, _, revision = path[len(HUB_PREFIX):].partition("@")
-        cache = hub_cache()
-        folder = os.path.join(cache, "models--" + repo.replace("/", "--"))
-        revision = revision or "main"
-        ref = os.path.join(folder, "refs", revision)
-        commit = open(ref).read().strip() if os.path.isfile(ref) else revision
-        directory = os.path.join(folder, "snapshots", commit)
-        if not all(os.path.isfile(os.path.join(directory, f)) for f in (WEIGHTS_FILE, CONFIG_FILE)):
-            raise FileNotFoundError(
-                f"{path} is not in the local Hugging Face cache ({cache}): runs never download. "
-                f"Fetch it once with `hf download {repo} {WEIGHTS_FILE} {CONFIG_FILE}` "
-                f"(`huggingface-cli download` on older huggingface_hub), or point HF_HUB_CACHE "
-                "at a cache that holds it")
-        return directory
+        return _from_hub_cache(path)
     missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not os.path.isfile(os.path.join(path, f))]
     if missing:
         raise FileNotFoundError(f"{path}: no {' or '.join(missing)}; a timm checkpoint is a "

@@ -29,6 +29,7 @@ from resnet_jax.convert.common import (
     expected_variables,
     identity,
     input_channels,
+    to_numpy,
 )
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
@@ -135,7 +136,7 @@ def convert(state_dict: Mapping[str, Any], model_name: str) -> dict[str, Any]:
     count is read from the classifier's bias."""
     if model_name not in MODELS:
         raise ValueError(f"model_name={model_name!r}; torchvision weights convert to {MODELS}")
-    source = {k: _numpy(v) for k, v in state_dict.items()}
+    source = {k: to_numpy(v) for k, v in state_dict.items()}
     num_classes = num_classes_of(source, model_name)
     expected = expected_variables(model_name, num_classes)
     rules = alexnet_rules(expected) if model_name == "alexnet_owt" else resnet_rules(expected)
@@ -155,12 +156,6 @@ def export(variables: Mapping[str, Any], model_name: str) -> dict[str, np.ndarra
                                   input_channels(variables))
     rules = alexnet_rules(expected) if model_name == "alexnet_owt" else resnet_rules(expected)
     return disassemble(variables, expected, rules)
-
-
-def _numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 def torchvision_models():

@@ -217,7 +217,7 @@ def slurm_script(workdir: str, plan: Plan, options: list[str] = (), processes: i
         lines.append(f"  {i}) RUN={shlex.quote(run.name)}; COMMAND=({shlex.join(command)}) ;;")
     lines += [f'  *) echo "no task $SLURM_ARRAY_TASK_ID in this sweep: 0-{n - 1}" >&2; exit 2 ;;',
               "esac",
-              f'if [ -f {shlex.quote(os.path.join(workdir, plan_lib.RUNS_DIR))}/"$RUN"/selected.json ]; then',
+              f'if [ -f {shlex.quote(os.path.join(workdir, plan_lib.RUNS_DIR))}/"$RUN"/{rundir.SELECTED} ]; then',
               '  echo "run $RUN finished before"; exit 0',
               "fi",
               f'mkdir -p {shlex.quote(os.path.join(workdir, "logs"))}',

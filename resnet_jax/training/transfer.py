@@ -86,8 +86,7 @@ def load_pretrained(directory: str) -> dict[str, Any]:
             out = ckpt.restore(converted)
         return {"params": out["params"], "batch_stats": out.get("batch_stats", {})}
     if os.path.isdir(rundir.path(directory, rundir.CHECKPOINTS)):
-        from resnet_jax.training.checkpoint import (Checkpointer, read_selected,
-                                                    selected_checkpoint)
+        from resnet_jax.training.checkpoint import Checkpointer, selected_checkpoint
 
         which, step = selected_checkpoint(directory)
         ckpt = Checkpointer(rundir.path(directory, rundir.CHECKPOINTS))
@@ -96,7 +95,7 @@ def load_pretrained(directory: str) -> dict[str, Any]:
         finally:
             ckpt.close()
         if state is not None:
-            if read_selected(directory).get("weights") == "ema":
+            if rundir.read_selected(directory).get("weights") == "ema":
                 state = state["ema"]
             return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
     raise FileNotFoundError(

@@ -1,0 +1,1 @@
+"""Numerical kernels used by the models (backend-specific fast paths)."""

@@ -1,0 +1,1 @@
+"""Training: config, state, optimizers, pure steps, parallel strategies, checkpoints, loop."""
