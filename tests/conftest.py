@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Keras on JAX
 
@@ -38,6 +39,24 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Nothing may fork a process that has imported JAX (its threads do not survive a fork; JAX
+# warns "os.fork() was called ... will likely lead to a deadlock", a warning raised inside
+# the fork hook, which no warnings filter can make an error): every fork of a test process is
+# recorded, and the test during which it happened fails, with where it forked.
+_FORKS: list[str] = []
+os.register_at_fork(before=lambda: _FORKS.append("".join(traceback.format_stack(limit=12))))
+
+
+@pytest.fixture(autouse=True)
+def _no_fork_of_a_process_with_jax():
+    yield
+    if _FORKS:
+        where = _FORKS[0]
+        _FORKS.clear()
+        pytest.fail("os.fork() in a test process that has imported JAX (start processes with "
+                    f"subprocess and no preexec_fn, or multiprocessing's spawn), from:\n{where}")
+
 
 # A test that is not marked slow fails if its setup or its body takes longer than this, so
 # the suite cannot creep back past CI's budget (pytest.ini prints the slowest tests).

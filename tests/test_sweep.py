@@ -279,3 +279,18 @@ def test_grid_values_are_read_as_their_fields_types():
                                     {bool: "nesterov", tuple: "input_mean", str: "optimizer"}[
                                         type(value)], plan_lib.format_value(value)) == value
 
+
+
+def test_a_run_is_pinned_to_its_cores_through_exec_not_a_fork(tmp_path):
+    """The sweep starts a run as `python .../sweeps/pinned.py CORES -- COMMAND`: the
+    command runs with that affinity (and the test process is never forked: conftest)."""
+    cores = sorted(os.sched_getaffinity(0))[:1]
+    command = local._pinned([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                            tuple(cores))
+    assert command[1].endswith(os.path.join("resnet_jax", "sweeps", "pinned.py"))
+    out = subprocess.run(command, env=plan_lib.run_environment(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == str(cores), out.stderr
+    bad = subprocess.run([sys.executable, command[1], "x", "--", "true"],
+                         env=plan_lib.run_environment(), capture_output=True, text=True)
+    assert bad.returncode == 1 and "expected comma-separated core numbers" in bad.stderr

@@ -1,4 +1,4 @@
-"""Run a command pinned to some CPU cores: `python -m resnet_jax.sweeps.pinned 0,1 -- CMD ...`
+"""Run a command pinned to some CPU cores: `python resnet_jax/sweeps/pinned.py 0,1 -- CMD ...`
 sets this process's CPU affinity and replaces it with CMD (exec keeps the affinity, and so do
 CMD's threads and children). A sweep starts its runs through it instead of forking a process
 that has imported JAX to pin the child there."""
@@ -10,14 +10,14 @@ import sys
 
 
 def command(cores: tuple[int, ...], argv: list[str], python: str = sys.executable) -> list[str]:
-    """`argv` run pinned to `cores`."""
-    return [python, "-m", __name__ if __name__ != "__main__" else "resnet_jax.sweeps.pinned",
-            ",".join(map(str, cores)), "--", *argv]
+    """`argv` run pinned to `cores` (this file run as a script: no package import before
+    the exec)."""
+    return [python, os.path.abspath(__file__), ",".join(map(str, cores)), "--", *argv]
 
 
 def main(argv: list[str]) -> None:
     if len(argv) < 3 or argv[1] != "--":
-        sys.exit("usage: python -m resnet_jax.sweeps.pinned CORE,CORE,... -- COMMAND ...")
+        sys.exit("usage: python pinned.py CORE,CORE,... -- COMMAND ...")
     try:
         cores = {int(c) for c in argv[0].split(",")}
     except ValueError:
