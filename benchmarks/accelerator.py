@@ -122,18 +122,20 @@ def _pipeline(model: str, image: int, batch: int, channels: int, classes: int,
     import dataclasses
 
     from resnet_jax.data import pipeline
+    from resnet_jax.data import workers as workers_lib
+    from resnet_jax.data.prefetch import prefetch
     from resnet_jax.data.sources import DATASETS, dataset_info, load_source
 
     if image <= 32:  # CIFAR-sized: in memory, pad-4 crop and flip
         source = _synthetic_source(image, channels, batch, classes)
         info = dataclasses.replace(DATASETS["cifar10"], image_shape=(image, image, channels))
-        return pipeline.train_batches(source, info, batch, 0, workers=workers)
+        return pipeline.train_batches(source, info, pipeline.TrainInput(batch, 0, workers=workers))
     info = dataset_info("image_folder", folder, 0.0)
     source = load_source("image_folder", "train", folder, holdout_fraction=0.0)
     if len(source) < batch:
         raise ValueError(f"--folder {folder} has {len(source)} training images; {model} at "
                          f"batch {batch} needs at least {batch}")
-    return pipeline.train_batches(source, info, batch, 0, image_size=image, workers=workers)
+    return pipeline.train_batches(source, info, pipeline.TrainInput(batch, 0, image_size=image, workers=workers))
 
 
 def _engine(model: str, image: int, batch: int, dtype: str):
@@ -174,6 +176,8 @@ def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warm
     import numpy as np
 
     from resnet_jax.data import pipeline
+    from resnet_jax.data import workers as workers_lib
+    from resnet_jax.data.prefetch import prefetch
     from resnet_jax.training.state import create_train_state
 
     start = time.perf_counter()
@@ -201,7 +205,7 @@ def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warm
     fed_rate = None
     if workers >= 0:
         batches = _pipeline(model, image, batch, shape[-1], spec.num_classes, workers, folder)
-        fed = pipeline.prefetch(batches, strategy.put_train_batch)
+        fed = prefetch(batches, strategy.put_train_batch)
 
         def from_pipeline(n):
             nonlocal state
@@ -213,7 +217,7 @@ def measure_jax(model: str, image: int, batch: int, dtype: str, steps: int, warm
             from_pipeline(warmup + 2)  # worker start-up and the prefetched batches
             fed_rate = _throughput(from_pipeline, steps, 1, batch)
         finally:
-            pipeline.close(batches)
+            workers_lib.close(batches)
     device = jax.devices()[0]
     return {"side": "resnet_jax", "img_s": rate, "first_step_s": first,
             "fed_img_s": fed_rate, "device_kind": device.device_kind,

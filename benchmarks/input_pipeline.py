@@ -73,6 +73,8 @@ def measure_resnet_jax(folder: str, transform: str, workers: int, n_batches: int
     import numpy as np
 
     from resnet_jax.data import pipeline
+    from resnet_jax.data import workers as workers_lib
+    from resnet_jax.data.prefetch import prefetch
     from resnet_jax.data.sources import FileSource, dataset_info, load_source
     from resnet_jax.ops import cpu
 
@@ -82,16 +84,15 @@ def measure_resnet_jax(folder: str, transform: str, workers: int, n_batches: int
     info = dataset_info("image_folder", folder, 0.0)
     source = load_source("image_folder", "train", folder, holdout_fraction=0.0)
     if transform == "train":
-        batches = pipeline.train_batches(source, info, BATCH, 0, image_size=SIZE,
-                                         workers=workers, threads=1)
+        batches = pipeline.train_batches(source, info, pipeline.TrainInput(BATCH, 0, image_size=SIZE, workers=workers, threads=1))
     else:  # one evaluation pass over the files listed often enough for every timed batch
         repeat = -(-(n_batches + WARMUP + 1) * BATCH // len(source))
         source = FileSource(source.paths * repeat, np.tile(source.labels, repeat))
-        batches = pipeline.eval_batches(source, info, BATCH, SIZE, workers=workers, threads=1)
+        batches = pipeline.eval_batches(source, info, pipeline.EvalInput(BATCH, image_size=SIZE, workers=workers, threads=1))
     try:
         return _rate(batches, n_batches)
     finally:
-        pipeline.close(batches)
+        workers_lib.close(batches)
 
 
 @dataclasses.dataclass
@@ -120,13 +121,15 @@ def measure_feeder(workers: int, n_batches: int) -> float:
     import jax
 
     from resnet_jax.data import pipeline
+    from resnet_jax.data import workers as workers_lib
+    from resnet_jax.data.prefetch import prefetch
     from resnet_jax.ops import cpu
 
     cpu.retain_freed_memory()
     device = jax.local_devices()[0]
     dataset = grain.MapDataset.range(0, 10**9).map(ReadyBatch(BATCH))
-    iterator = pipeline._with_workers(dataset, workers, 0, BATCH * SIZE * SIZE * 3)
-    fed = pipeline.prefetch(iterator, lambda b: jax.device_put(b, device))
+    iterator = workers_lib.with_workers(dataset, workers, 0, BATCH * SIZE * SIZE * 3)
+    fed = prefetch(iterator, lambda b: jax.device_put(b, device))
 
     def on_device():
         while True:
@@ -138,7 +141,7 @@ def measure_feeder(workers: int, n_batches: int) -> float:
         return _rate(on_device(), n_batches)
     finally:
         fed.close()
-        pipeline.close(iterator)
+        workers_lib.close(iterator)
 
 
 def measure_previous(folder: str, transform: str, n_batches: int) -> float:

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.jpeg_folder import write_folder
 from resnet_jax.data import pipeline
+from resnet_jax.data import workers as workers_lib
 from resnet_jax.data.images import CorruptImageError
 from resnet_jax.data.sources import (DATASETS, DEBIAN_FASHION_MNIST, dataset_info, load_idx,
                                      load_source, scan_image_folder)
@@ -115,8 +116,7 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
 
     def batches(skip):
         # one batch covering the whole split, so the corrupt file is in it
-        return pipeline.train_batches(source, info, len(source), 0, image_size=32,
-                                      skip_corrupt=skip)
+        return pipeline.train_batches(source, info, pipeline.TrainInput(len(source), 0, image_size=32, skip_corrupt=skip))
     with pytest.raises(CorruptImageError,
                        match=rf"{bad}: (cannot decode|not a readable image).*skip_corrupt_images"):
         next(batches(False))
@@ -126,7 +126,7 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
     assert np.isfinite(batch["image"]).all()
     del index
 
-    evals = list(pipeline.eval_batches(source, info, 50, 32, skip_corrupt=True))
+    evals = list(pipeline.eval_batches(source, info, pipeline.EvalInput(50, image_size=32, skip_corrupt=True)))
     assert sum(int(b["corrupt"].sum()) for b in evals) == 1
     assert sum(float(b["mask"].sum()) for b in evals) == len(source) - 1  # masked out
 
@@ -157,28 +157,27 @@ def test_a_run_counts_skipped_corrupt_images_in_its_metrics_or_stops_naming_the_
 def test_worker_processes_give_the_same_batches_and_resume_from_their_state(photo_folder):
     info = dataset_info("image_folder", photo_folder)
     source = load_source("image_folder", "train", photo_folder)
-    here = pipeline.train_batches(source, info, 16, 5, image_size=48)
+    here = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48))
     expected = [next(here) for _ in range(10)]  # crosses the epoch boundary (7 steps/epoch)
-    workers = pipeline.train_batches(source, info, 16, 5, image_size=48, workers=2)
+    workers = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48, workers=2))
     try:
         got = [next(workers) for _ in range(4)]
         state = workers.get_state()
     finally:
-        pipeline.close(workers)
+        workers_lib.close(workers)
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     json.dumps(state)  # checkpoint metadata is JSON
-    resumed = pipeline.train_batches(source, info, 16, 5, image_size=48, workers=2,
-                                     state=state)
-    by_step = pipeline.train_batches(source, info, 16, 5, start_step=4, image_size=48)
+    resumed = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48, workers=2), state=state)
+    by_step = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48), start_step=4)
     try:
         for k in range(4, 10):
             a, b = next(resumed), next(by_step)
             np.testing.assert_array_equal(a["image"], expected[k]["image"])
             np.testing.assert_array_equal(b["image"], expected[k]["image"])
     finally:
-        pipeline.close(resumed)
+        workers_lib.close(resumed)
     assert expected[0]["image"].shape == (16, 48, 48, 3)
     assert expected[0]["image"].dtype == np.uint8  # normalised on the device, in the step
     assert not np.array_equal(expected[0]["image"], expected[7]["image"])  # new epoch order
@@ -198,7 +197,7 @@ def test_eval_crops_are_the_central_crop_of_the_decoded_image(photo_folder):
     source = load_source("image_folder", "val", photo_folder)
     diffs = {}
     for size in (224, 64):
-        batch = next(pipeline.eval_batches(source, info, 4, size))
+        batch = next(pipeline.eval_batches(source, info, pipeline.EvalInput(4, image_size=size)))
         for k in range(4):
             with Image.open(source.paths[k]) as im:
                 whole = np.asarray(im.convert("RGB"))
@@ -282,12 +281,12 @@ def test_imagenet_style_tfds_dataset_keeps_jpegs_encoded_until_the_pipeline(tmp_
     val = load_source("imagenette", "validation", str(tmp_path), "tfds")
     assert isinstance(train[0]["data"], bytes) and train[0]["data"][:2] == b"\xff\xd8"
     info = DATASETS["imagenette"]
-    batches = pipeline.train_batches(train, info, 8, 0, image_size=64)
+    batches = pipeline.train_batches(train, info, pipeline.TrainInput(8, 0, image_size=64))
     first, second = next(batches), next(batches)
-    again = next(pipeline.train_batches(train, info, 8, 0, start_step=1, image_size=64))
+    again = next(pipeline.train_batches(train, info, pipeline.TrainInput(8, 0, image_size=64), start_step=1))
     np.testing.assert_array_equal(second["image"], again["image"])
     assert first["image"].shape == (8, 64, 64, 3)
-    evals = list(pipeline.eval_batches(val, info, 4, 64))
+    evals = list(pipeline.eval_batches(val, info, pipeline.EvalInput(4, image_size=64)))
     assert sum(float(b["mask"].sum()) for b in evals) == 10 and len(evals) == 3
 
 

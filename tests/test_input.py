@@ -155,9 +155,8 @@ def test_pad_crop_flip_on_decoded_images_equals_it_on_the_same_images_in_memory(
     memory = ArraySource(*arrays["train"])
     batches = {}
     for augment in ("crop_flip", "flip", "none"):
-        decoded = next(pipeline.train_batches(files, info, 16, 3, augment=augment,
-                                              image_size=32, threads=0))
-        in_memory = next(pipeline.train_batches(memory, info, 16, 3, augment=augment))
+        decoded = next(pipeline.train_batches(files, info, pipeline.TrainInput(16, 3, augment=augment, image_size=32, threads=0)))
+        in_memory = next(pipeline.train_batches(memory, info, pipeline.TrainInput(16, 3, augment=augment)))
         np.testing.assert_array_equal(decoded["image"], in_memory["image"])
         np.testing.assert_array_equal(decoded["label"], in_memory["label"])
         batches[augment] = decoded["image"]
@@ -165,8 +164,7 @@ def test_pad_crop_flip_on_decoded_images_equals_it_on_the_same_images_in_memory(
     assert not np.array_equal(batches["flip"], batches["none"])  # mirrored
     # evaluation takes a 32x32 image whole when the model's size is 32
     whole = next(pipeline.eval_batches(load_source("image_folder", "val", folder,
-                                                   holdout_fraction=0.0), info,
-                                       12, 32))
+                                                   holdout_fraction=0.0), info, pipeline.EvalInput(12, image_size=32)))
     np.testing.assert_array_equal(whole["image"], arrays["val"][0])
 
 
@@ -178,9 +176,9 @@ def test_the_inception_crop_works_on_in_memory_images():
     source = ArraySource(rng.integers(0, 256, (64, 48, 48, 3), dtype=np.uint8),
                          np.zeros(64, np.int32))
     info = DATASETS["cifar10"]
-    a = next(pipeline.train_batches(source, info, 32, 5, augment="inception"))
-    b = next(pipeline.train_batches(source, info, 32, 5, augment="inception"))
-    plain = next(pipeline.train_batches(source, info, 32, 5, augment="none"))
+    a = next(pipeline.train_batches(source, info, pipeline.TrainInput(32, 5, augment="inception")))
+    b = next(pipeline.train_batches(source, info, pipeline.TrainInput(32, 5, augment="inception")))
+    plain = next(pipeline.train_batches(source, info, pipeline.TrainInput(32, 5, augment="none")))
     np.testing.assert_array_equal(a["image"], b["image"])  # drawn from (seed, step)
     assert a["image"].shape == (32, 48, 48, 3) and a["image"].dtype == np.uint8
     changed = (a["image"] != plain["image"]).reshape(32, -1).any(axis=1)
@@ -258,8 +256,8 @@ def test_worker_batches_reuse_shared_slots_which_are_freed_with_their_batch_and_
 def test_a_close_that_meets_grains_thread_race_still_closes_everything_below():
     """grain's close can raise "cannot join thread before it is started" (a worker's prefetch
     thread created by another grain thread, not started yet; seen in CI with 8 workers closed
-    after two steps), leaving the other workers open. close_grain closes the rest."""
-    from resnet_jax.data.pipeline import close_grain
+    after two steps), leaving the other workers open. grain_compat.close closes the rest."""
+    from resnet_jax.data import grain_compat
 
     class Node:
         def __init__(self, parents=(), in_use=(), racy=0):
@@ -275,13 +273,41 @@ def test_a_close_that_meets_grains_thread_race_still_closes_everything_below():
     workers = [Node(racy=2), Node(), Node()]
     interleave = Node(in_use=workers)
     top = Node(parents=[interleave], racy=1)  # the race surfaces through the top's close
-    close_grain(top)
+    grain_compat.close(top)
     assert top.closed and interleave.closed and all(w.closed for w in workers)
     with pytest.raises(RuntimeError, match="another error"):
         class Broken(Node):
             def close(self):
                 raise RuntimeError("another error")
-        close_grain(Broken())
+        grain_compat.close(Broken())
+
+
+def test_the_grain_internals_the_close_walks_are_those_of_the_installed_grain(tmp_path):
+    """The walk of grain_compat reaches, on a real two-worker pipeline, each worker's process
+    iterator and the thread that prefetches from it (the ones whose close can race): a grain
+    that renames the private links it follows fails here, not by leaving workers behind."""
+    import importlib.metadata
+
+    from resnet_jax.data import grain_compat, pipeline
+    from resnet_jax.data import workers as workers_lib
+    from resnet_jax.data.sources import ArraySource, DatasetInfo
+
+    assert importlib.metadata.version("grain") in grain_compat.TESTED
+    source = ArraySource(np.zeros((64, 8, 8, 1), np.uint8), np.zeros(64, np.int32))
+    info = DatasetInfo("none", 10, (8, 8, 1), (0.5,), (0.5,), "none")
+    iterator = pipeline.train_batches(source, info,
+                                      pipeline.TrainInput(8, 0, augment="none", workers=2))
+    try:
+        next(iterator), next(iterator)
+        seen, todo = [], [iterator.grain_iterator]
+        while todo:
+            node = todo.pop()
+            seen.append(type(node).__name__)
+            todo += grain_compat.below(node)
+    finally:
+        workers_lib.close(iterator)
+    assert seen.count("ProcessPrefetchDatasetIterator") == 2, seen
+    assert seen.count("ThreadPrefetchDatasetIterator") >= 2, seen
 
 
 def test_with_workers_only_the_slots_are_shared_memory_and_nothing_is_left_at_close(tmp_path):
@@ -290,27 +316,24 @@ def test_with_workers_only_the_slots_are_shared_memory_and_nothing_is_left_at_cl
     each array in fresh shared memory of its own, and one still on its way at close stayed
     linked (the "leaked shared_memory" warning at exit, one run in four of the two-worker
     image-folder test)."""
-    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
-
     from benchmarks.jpeg_folder import write_folder
     from resnet_jax.data import pipeline
+    from resnet_jax.data import workers as workers_lib
     from resnet_jax.data.sources import dataset_info, load_source
 
     folder = write_folder(str(tmp_path / "photos"), train=48, classes=3)
     source = load_source("image_folder", "train", folder)
-    iterator = pipeline.train_batches(source, dataset_info("image_folder", folder), 4, 0,
-                                      image_size=32, workers=2, end_step=24)
-    names = {n for worker in iterator._release.__self__.names for n in worker}
+    iterator = pipeline.train_batches(source, dataset_info("image_folder", folder), pipeline.TrainInput(4, 0, image_size=32, workers=2, end_step=24))
+    names = {n for worker in iterator.slots.names for n in worker}
     kinds = set()
     for step, batch in enumerate(iterator):
         kinds |= {type(v) for v in batch.values()}
-        assert not any(isinstance(v, SharedMemoryArray) for v in batch.values())
         time.sleep(0.2 if step < 3 else 0.0)  # the workers run ahead and fill their slots
         if step == 12:
             break
     assert all(os.path.exists(f"/dev/shm/{n}") for n in names)
-    prefix = iterator._release.__self__.prefix
-    pipeline.close(iterator)
+    prefix = iterator.slots.prefix
+    workers_lib.close(iterator)
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-    assert kinds <= {np.ndarray}, kinds
+    assert kinds <= {np.ndarray}, kinds  # no grain SharedMemoryArray (an ndarray subclass)

@@ -14,7 +14,8 @@ import optax
 import pytest
 
 from resnet_jax.data import images
-from resnet_jax.data.pipeline import DecodeCrop, TrainPositions
+from resnet_jax.data.examples import DecodeCrop
+from resnet_jax.data.order import TrainPositions
 from resnet_jax.models import get_model
 from resnet_jax.models.resnet import drop_path, drop_path_rates
 from resnet_jax.training.config import base_config, validate_config

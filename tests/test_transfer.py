@@ -230,7 +230,7 @@ def test_the_keras_entry_normalises_as_keras_preprocess_input(tmp_path):
     pictures = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket()]
     images = np.stack([p[:224, :224] for p in pictures]).astype(np.uint8)
     source = ArraySource(images, np.zeros(4, np.int32))
-    batch = next(iter(pipeline.eval_batches(source, info, 4)))
+    batch = next(iter(pipeline.eval_batches(source, info, pipeline.EvalInput(4))))
     expected = resnet50.preprocess_input(images.astype(np.float32))
     assert batch["image"].dtype == np.uint8  # the host does no per-pixel float work
     np.testing.assert_allclose(prepare(batch["image"]), expected, atol=2e-4, rtol=0)

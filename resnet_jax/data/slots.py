@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import os
 import threading
+import time
 import weakref
 from multiprocessing import shared_memory
 from typing import Any
@@ -30,6 +31,8 @@ import numpy as np
 
 HEADER = 64  # bytes before the data: the busy flag, and 64-byte alignment of the data
 SLOTS_PER_WORKER = 4
+# how long a worker waits for a free slot before handing a batch over in a fresh block
+WAIT_FOR_SLOT_S = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,20 +77,28 @@ class _WorkerSlots:
         block.close()  # the block stays linked until the training process unlinks it
         return FreshRef(name, tuple(array.shape), array.dtype.str)
 
-    def put(self, array: np.ndarray) -> SlotRef | FreshRef:
-        """`array` copied into a free slot (its SlotRef), or into a fresh block when none
-        is."""
-        need = HEADER + array.nbytes
+    def _take_free(self, need: int) -> int:
+        """A free slot of at least `need` bytes, marked taken (-1: none is free)."""
         with self.lock:  # a worker's decoding threads share its slots
             if self.slots is None:
                 self.slots = [shared_memory.SharedMemory(name=n) for n in self.names]
-            free = [k for k, s in enumerate(self.slots)
-                    if k not in self.taken and s.size >= need and not _busy(s.buf)]
-            if not free:
-                k = -1
-            else:
-                k = free[0]
-                self.taken.add(k)
+            for k, s in enumerate(self.slots):
+                if k not in self.taken and s.size >= need and not _busy(s.buf):
+                    self.taken.add(k)
+                    return k
+        return -1
+
+    def put(self, array: np.ndarray) -> SlotRef | FreshRef:
+        """`array` copied into a free slot (its SlotRef). With none free, the worker waits
+        for one up to WAIT_FOR_SLOT_S (the training process frees one as it finishes with a
+        batch), then copies into a fresh block: a consumer that keeps batches does not
+        stall the workers."""
+        need = HEADER + array.nbytes
+        deadline = time.monotonic() + WAIT_FOR_SLOT_S
+        k = self._take_free(need)
+        while k < 0 and time.monotonic() < deadline:
+            time.sleep(0.0005)
+            k = self._take_free(need)
         if k < 0:
             return self.fresh(array)
         slot = self.slots[k]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import numpy as np
 
-from resnet_jax.data import pipeline
+from resnet_jax.data.pipeline import EvalInput, eval_batches
 from resnet_jax.data.sources import DatasetInfo
 from resnet_jax.training import experiment, optim, selection
 from resnet_jax.training.checkpoint import Checkpointer
@@ -19,31 +19,25 @@ if TYPE_CHECKING:
     from resnet_jax.training.experiment import Experiment
 
 
-def evaluate(eval_step: Callable, state: Any, source: Any, info: DatasetInfo, batch_size: int,
-             image_size: int | None = None, strategy: Strategy | None = None, workers: int = 0,
-             skip_corrupt: bool = False, crop_pct: float = 0.875,
-             interpolation: str = "bilinear") -> dict[str, Any]:
+def evaluate(eval_step: Callable, state: Any, source: Any, info: DatasetInfo,
+             options: EvalInput, strategy: Strategy | None = None) -> dict[str, Any]:
     """Means of the eval step's sums (loss, accuracy, top5_accuracy, ...), the count and the
-    confusion matrix over every example of `source`, in batches of `batch_size`.
+    confusion matrix over every example of `source`, read as `options` says (its batches,
+    crop, workers; with `skip_corrupt` an unreadable image is masked out and counted in
+    "corrupt_images").
 
     The last batch is padded and masked. With a strategy, each process feeds its part of
     every batch and the mapped step sums over all devices; `eval_step` is then the strategy's.
-    `workers` processes decode the images (0: this one); with `skip_corrupt` an unreadable
-    image is masked out and counted in "corrupt_images". Decoded images are the central
-    `crop_pct` of their shorter side resized to `image_size` with `interpolation`.
     """
     put = strategy.put_eval_batch if strategy else (lambda b: b)
     first = strategy.first if strategy else (lambda m: m)
     totals, corrupt = None, 0
-    for batch in pipeline.eval_batches(source, info, batch_size, image_size,
-                                       jax.process_index(), jax.process_count(), workers,
-                                       skip_corrupt, crop_pct=crop_pct,
-                                       interpolation=interpolation):
+    for batch in eval_batches(source, info, options):
         corrupt += int(np.sum(batch.pop("corrupt", 0)))
         sums = jax.tree.map(fetch, first(eval_step(state, put(batch))))
         totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
     result = summarize_eval(totals)
-    if skip_corrupt:
+    if options.skip_corrupt:
         result["corrupt_images"] = corrupt
     return result
 
@@ -57,9 +51,8 @@ def evaluate_split(exp: "Experiment", state, strategy, prefix: str, ema: bool | 
     out = {}
     for averaged in ((False, True) if state.ema else (False,)) if ema is None else (ema,):
         result = evaluate(strategy.eval_step, state.averaged() if averaged else state, source,
-                          exp.info, experiment.eval_batch_size(exp.config),
-                          experiment.eval_image_size(exp.config), strategy,
-                          **experiment.eval_data_options(exp.config))
+                          exp.info, experiment.eval_input(
+                              exp.config, experiment.eval_batch_size(exp.config)), strategy)
         tag = prefix + ("_ema_" if averaged and ema is None else "_")
         out.update({tag + k: v for k, v in result.items() if k != "per_class_accuracy"})
     return out

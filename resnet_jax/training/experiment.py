@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_jax.data import image_sizes, pipeline
+from resnet_jax.data.examples import crop_flip_pad
+from resnet_jax.data.order import steps_per_epoch
 from resnet_jax.data.on_device import DeviceInput
 from resnet_jax.data.sources import (DATASETS, ArraySource, DatasetInfo, dataset_info,
                                      holdout, load_image_folder, load_source, subset)
@@ -185,7 +187,7 @@ def resolve_image_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
         return config
     config = with_overrides(config, image_size=side, eval_crop_pct=config.eval_crop_pct or 1.0,
                             augment=config.augment or "crop_flip")
-    pad = pipeline.crop_flip_pad(side) if config.augment == "crop_flip" else 0
+    pad = crop_flip_pad(side) if config.augment == "crop_flip" else 0
     log.info("%s: trained and evaluated at their own size, %dx%d (augment %s%s, whole image "
              "at evaluation); set image_size to choose", seen, side, side, config.augment,
              f", pad {pad}" if pad else "")
@@ -285,7 +287,7 @@ def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experim
     val_source = (load_split(config, "validation", config.eval_subset)
                   if has_validation(config) else None)
     n_train = len(train_source) if train_source is not None else config.batch_size
-    d = durations(config, pipeline.steps_per_epoch(n_train, config.batch_size))
+    d = durations(config, steps_per_epoch(n_train, config.batch_size))
     tx, schedule = make_optimizer(config, d)
     if config.freeze == "backbone":
         tx = transfer.freeze_backbone(tx)
@@ -300,21 +302,32 @@ def train_data(exp: Experiment, start_step: int = 0, position: dict | None = Non
     state = None
     if position and position.get("workers") == c.data_workers and position.get("state"):
         state = position["state"]
-    return pipeline.train_batches(
-        exp.train_source, exp.info, c.batch_size, c.seed, start_step, c.augment or None,
-        c.image_size or None, jax.process_index(), jax.process_count(), c.data_workers,
-        state, c.skip_corrupt_images, exp.image_shape[-1], exp.durations.total_steps,
+    return pipeline.train_batches(exp.train_source, exp.info, train_input(exp), start_step,
+                                  state)
+
+
+def train_input(exp: Experiment) -> pipeline.TrainInput:
+    """The training pipeline's options from the run's config, for this process."""
+    c = exp.config
+    return pipeline.TrainInput(
+        c.batch_size, c.seed, augment=c.augment or None, image_size=c.image_size or None,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        workers=c.data_workers, skip_corrupt=c.skip_corrupt_images,
+        channels=exp.image_shape[-1], end_step=exp.durations.total_steps,
         policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
         policy_magnitude=c.rand_augment_magnitude, interpolation=c.interpolation or "bilinear",
         repeats=c.num_repeats)
 
 
-def eval_data_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The evaluation pipeline's settings from the config (its crop as `resolve_input`
-    wrote it out, or the defaults)."""
-    return {"workers": config.data_workers, "skip_corrupt": config.skip_corrupt_images,
-            "crop_pct": config.eval_crop_pct or DEFAULT_CROP_PCT,
-            "interpolation": config.interpolation or "bilinear"}
+def eval_input(config: ml_collections.ConfigDict, batch_size: int) -> pipeline.EvalInput:
+    """The evaluation pipeline's options from the config (its crop as `resolve_input`
+    wrote it out, or the defaults), for this process's part of global batches of
+    `batch_size`."""
+    return pipeline.EvalInput(
+        batch_size, eval_image_size(config), jax.process_index(), jax.process_count(),
+        workers=config.data_workers, skip_corrupt=config.skip_corrupt_images,
+        crop_pct=config.eval_crop_pct or DEFAULT_CROP_PCT,
+        interpolation=config.interpolation or "bilinear")
 
 
 def eval_image_size(config: ml_collections.ConfigDict) -> int | None:

@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax.data import pipeline
+from resnet_jax.data import workers
+from resnet_jax.data.prefetch import prefetch
 from resnet_jax.training import (compilation_cache, config as config_lib, experiment, guard,
                                  metrics, preflight, selection, timing, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
@@ -81,7 +82,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
     decisions = (selection.Decisions.from_dict(saved["decisions"]) if saved.get("decisions")
                  else selection.initial(config))
     record: dict[str, Any] = history[-1] if history else {}
-    batches = pipeline.prefetch(data, lambda b: (strategy.put_train_batch(
+    batches = prefetch(data, lambda b: (strategy.put_train_batch(
         {"image": b["image"], "label": b["label"]}), int(np.sum(b.get("corrupt", 0)))),
         state=data.get_state)
     corrupt = int(record.get("corrupt_images", 0))
@@ -183,7 +184,7 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
     finally:
         clock.close()
         batches.close()
-        pipeline.close(data)
+        workers.close(data)
         bar.close()
         ckpt.close()  # waits for the saves in flight, then writes their manifests
         writer.close()

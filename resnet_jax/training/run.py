@@ -142,10 +142,10 @@ class Run:
                              f"{images.shape}")
         shape = self.image_shape
         if self.info.image_shape is None:
-            options = experiment.eval_data_options(self.config)
-            size = experiment.eval_image_size(self.config) or 224
-            images = np.stack([center_crop(im, size, options["crop_pct"],
-                                           options["interpolation"]) for im in images])
+            options = experiment.eval_input(self.config, len(images))
+            size = options.image_size or 224
+            images = np.stack([center_crop(im, size, options.crop_pct, options.interpolation)
+                               for im in images])
         elif images.shape[1:3] != shape[:2] or images.shape[-1] not in (1, shape[-1]):
             raise ValueError(f"images of shape {images.shape[1:]}; this run takes "
                              f"{self.info.image_shape}")
@@ -175,22 +175,21 @@ class Run:
         state = TrainState(step=jnp.asarray(self.step, jnp.int32),
                            params=self.variables["params"],
                            batch_stats=self.variables["batch_stats"], opt_state={})
-        return evaluate(self._eval_step, state, source, self.info, self.config.eval_batch_size,
-                        experiment.eval_image_size(self.config),
-                        **experiment.eval_data_options(self.config))
+        return evaluate(self._eval_step, state, source, self.info,
+                        experiment.eval_input(self.config, self.config.eval_batch_size))
 
     def preprocessing(self) -> dict[str, Any]:
         """How the run's input was made, as a weight file records it: mean and std on the
         [0, 1] scale, channel order, the evaluation crop, its share of the shorter side and
         the resize filter."""
-        options = experiment.eval_data_options(self.config)
+        options = experiment.eval_input(self.config, self.config.eval_batch_size)
         info = self.info
         crop = (experiment.eval_image_size(self.config) or 224) if info.image_shape is None \
             else self.image_shape[0]
         return {"mean": tuple(info.mean), "std": tuple(info.std),
                 "channel_order": info.channel_order, "crop": int(crop),
-                "crop_pct": float(options["crop_pct"]) if info.image_shape is None else 1.0,
-                "interpolation": options["interpolation"]}
+                "crop_pct": float(options.crop_pct) if info.image_shape is None else 1.0,
+                "interpolation": options.interpolation}
 
     def export(self, path: str, layout: str = "timm") -> str:
         """Write the weights for PyTorch: `path`/model.safetensors, the state_dict that
