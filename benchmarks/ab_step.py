@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from resnet_jax.ops.batch_norm import BatchNorm
     from resnet_jax.ops.max_pool import max_pool
     from resnet_jax.training import experiment
-    from resnet_jax.training.config import base_config, durations
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.durations import durations
     from resnet_jax.training.losses import get_loss
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.state import create_train_state

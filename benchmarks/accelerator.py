@@ -143,7 +143,8 @@ def _engine(model: str, image: int, batch: int, dtype: str):
     for the benchmark's settings (SGD with momentum and weight decay, constant rate)."""
     from resnet_jax.models import get_spec
     from resnet_jax.training import experiment
-    from resnet_jax.training.config import base_config, durations
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.durations import durations
     from resnet_jax.training.optim import make_optimizer
 
     spec = get_spec(model)

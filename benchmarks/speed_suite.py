@@ -64,7 +64,8 @@ def run_jax(model_name, shape, batch, repeats, warmup) -> dict:
 
     from resnet_jax.models import get_spec
     from resnet_jax.training import experiment
-    from resnet_jax.training.config import base_config, durations
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.durations import durations
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.state import create_train_state
 

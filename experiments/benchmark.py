@@ -35,7 +35,8 @@ def measure(model_name: str, parallel: str, batch: int, steps: int, warmup: int,
 
     from resnet_jax.models import get_spec
     from resnet_jax.training import experiment
-    from resnet_jax.training.config import base_config, durations
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.durations import durations
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.state import create_train_state
 

@@ -24,7 +24,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from resnet_jax.training import experiment  # noqa: E402
-from resnet_jax.training.config import base_config, durations  # noqa: E402
+from resnet_jax.training.config import base_config  # noqa: E402
+from resnet_jax.training.durations import durations
 from resnet_jax.training.optim import make_optimizer  # noqa: E402
 from resnet_jax.training.parallel import fetch  # noqa: E402
 from resnet_jax.training.state import create_train_state  # noqa: E402

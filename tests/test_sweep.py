@@ -21,7 +21,7 @@ import resnet_jax
 from experiments import compare as compare_cli
 from experiments import sweep as sweep_cli
 from resnet_jax.sweeps import local, plan as plan_lib, run_sweep, stats
-from resnet_jax.training.config import run_config
+from resnet_jax.training.config_json import run_config
 from resnet_jax.configs import load_config
 
 from conftest import ROOT

@@ -25,7 +25,8 @@ from resnet_jax.training import experiment, loop
 from resnet_jax.training.evaluation import evaluate
 from resnet_jax.training.losses import get_loss, softmax_cross_entropy
 from resnet_jax.training.checkpoint import Checkpointer
-from resnet_jax.training.config import base_config, durations, validate_config
+from resnet_jax.training.config import base_config, validate_config
+from resnet_jax.training.durations import durations
 from resnet_jax.training.optim import kernel_mask, make_optimizer
 from resnet_jax.training.state import create_train_state
 from resnet_jax.training.steps import make_eval_step, make_train_step, topk_correct

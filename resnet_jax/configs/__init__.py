@@ -17,7 +17,8 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax.training.config import config_from_dict, with_overrides
+from resnet_jax.training.config import with_overrides
+from resnet_jax.training.config_json import config_from_dict
 from resnet_jax.training.overrides import apply_overrides
 
 log = logging.getLogger("resnet_jax")

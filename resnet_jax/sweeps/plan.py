@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from resnet_jax.training import config as config_lib
+from resnet_jax.training import config_json
 from resnet_jax.training import rundir
 from resnet_jax.training.overrides import apply_overrides
 
@@ -131,7 +132,7 @@ def format_value(value: Any) -> str:
     """A value as `--config.FIELD=...` takes it (strings raw, the rest as Python literals)."""
     if isinstance(value, str):
         return value
-    return repr(config_lib.tuples_from_json(json_value(value)))
+    return repr(config_json.tuples_from_json(json_value(value)))
 
 
 def coerce(field: str, value: Any) -> Any:
@@ -185,7 +186,7 @@ def make_plan(config: ml_collections.ConfigDict, grid: dict[str, list[Any]] | No
                 config_lib.with_overrides(config, **{field: value})
             except ValueError as err:
                 raise ValueError(f"grid {field}={format_value(value)}: {err}") from None
-    base = config_lib.config_to_dict(config)
+    base = config_json.config_to_dict(config)
     runs = []
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))

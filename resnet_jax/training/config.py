@@ -1,19 +1,19 @@
-"""The training configuration: every field declared once, with its type, default, allowed
-values and meaning, grouped by concern; validation that names the bad value before any data
-is read or any step is compiled; and the one conversion of durations into steps.
+"""The training configuration's schema: every field declared once, with its type, default,
+allowed values and meaning, grouped by concern, and the validation that names the bad value
+before any data is read or any step is compiled.
 
 A config is a flat `ml_collections.ConfigDict` (so `--config.num_epochs=3` overrides work);
 `SCHEMA` groups its fields into sections. Durations are written in the unit natural to the
 recipe (`num_epochs` or `num_steps`, `warmup_epochs`, `lr_boundaries` in steps or epochs,
-`eval_every_epochs`, `checkpoint_every_steps`) and turned into steps by `durations()` alone.
+`eval_every_epochs`, `checkpoint_every_steps`); `durations.durations()` alone turns them into
+steps. A run's config as JSON (its config.json): `config_json`; config files by name:
+`resnet_jax.configs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 from typing import Any
 
 import ml_collections
@@ -23,12 +23,10 @@ from resnet_jax.data.autoaugment import BINS, POLICIES
 from resnet_jax.data.images import INTERPOLATIONS
 from resnet_jax.data.transforms import AUGMENTATIONS, CHANNEL_ORDERS
 from resnet_jax.models import get_spec
-from resnet_jax.training.durations import Durations, durations  # noqa: F401 (re-exported)
 from resnet_jax.training.losses import LOSSES
 from resnet_jax.training.optim import OPTIMIZERS, SCHEDULES, WEIGHT_DECAY_MODES
 from resnet_jax.training.parallel import STRATEGIES
 from resnet_jax.training.transfer import FREEZE_CHOICES
-from resnet_jax.training import rundir
 
 DTYPES = ("float32", "bfloat16")
 BOUNDARY_UNITS = ("steps", "epochs")
@@ -382,13 +380,6 @@ def _check_validation(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{name}={value!r}; expected one of {allowed}{hint}")
 
 
-def metric_mode(metric: str, mode: str) -> str:
-    """'min' or 'max': `mode`, or for 'auto' max for accuracies and min otherwise (Keras)."""
-    if mode != "auto":
-        return mode
-    return "max" if "acc" in metric else "min"
-
-
 def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
     """A validated copy of `c` with fields replaced; unknown names are an error."""
     for name in overrides:
@@ -402,44 +393,6 @@ def with_overrides(c: ml_collections.ConfigDict, **overrides: Any) -> ml_collect
         out[name] = int(value) if _integer_field(name) and isinstance(value, float) else value
     validate_config(out)
     return out
-
-
-# Fields renamed since runs were written: their config.json files still load.
-RENAMED = {"fast_cpu_conv": "cpu_kernels"}
-# Fields removed since: dropped when an old config.json is read.
-REMOVED = {"plateau_accumulation"}
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run was started with (its config.json), validated."""
-    path = rundir.path(workdir, rundir.CONFIG)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training run directory?")
-    with open(path) as f:
-        return config_from_dict(json.load(f))
-
-
-def config_from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A validated config from its JSON form (a run's config.json, a sweep's base config)."""
-    values = {RENAMED.get(k, k): v for k, v in values.items() if k not in REMOVED}
-    config = base_config()
-    config.update(tuples_from_json(values))
-    validate_config(config)
-    return config
-
-
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The JSON form of a config, as a run's config.json holds it."""
-    return json.loads(config.to_json_best_effort())
-
-
-def tuples_from_json(value: Any) -> Any:
-    """JSON's lists back to the tuples configs hold (model fields must be hashable)."""
-    if isinstance(value, dict):
-        return {k: tuples_from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(tuples_from_json(v) for v in value)
-    return value
 
 
 def describe() -> str:

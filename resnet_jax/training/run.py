@@ -19,7 +19,7 @@ from resnet_jax.data.transforms import center_crop
 from resnet_jax.training import experiment, metrics, selection
 from resnet_jax.training.checkpoint import Checkpointer, selected_checkpoint
 from resnet_jax.training.rundir import read_selected
-from resnet_jax.training.config import run_config
+from resnet_jax.training.config_json import run_config
 from resnet_jax.training.evaluation import evaluate
 from resnet_jax.training.losses import get_loss
 from resnet_jax.training.state import TrainState

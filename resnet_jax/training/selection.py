@@ -15,7 +15,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from resnet_jax.training.config import has_validation, metric_mode
+from resnet_jax.training.config import has_validation
+
+
+def metric_mode(metric: str, mode: str) -> str:
+    """'min' or 'max': `mode`, or for 'auto' max for accuracies and min otherwise (Keras)."""
+    if mode != "auto":
+        return mode
+    return "max" if "acc" in metric else "min"
 
 
 def improves(value: float, best: float, mode: str, min_delta: float) -> bool:

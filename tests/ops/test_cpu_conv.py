@@ -215,7 +215,8 @@ def test_the_engine_takes_them_under_its_switch(monkeypatch):
 def test_a_run_written_before_the_switch_was_renamed_still_loads(tmp_path):
     import json
 
-    from resnet_jax.training.config import base_config, run_config
+    from resnet_jax.training.config import base_config
+    from resnet_jax.training.config_json import run_config
 
     values = base_config().to_dict()
     del values["cpu_kernels"]

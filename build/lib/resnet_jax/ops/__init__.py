@@ -1,1 +1,0 @@
-"""Numerical kernels used by the models (backend-specific fast paths)."""

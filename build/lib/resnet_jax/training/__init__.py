@@ -1,1 +1,0 @@
-"""Training: config, state, optimizers, pure steps, parallel strategies, checkpoints, loop."""
