@@ -4,7 +4,7 @@ The public face, for scripts and notebooks:
 
     import resnet_jax
     config = resnet_jax.load_config("fashion_mnist", num_epochs=2)
-    resnet_jax.train(config, "runs/fm")              # the same run as experiments.train
+    resnet_jax.train(config, "runs/fm")              # the same run as resnet-jax-train
     run = resnet_jax.Run.load("runs/fm")             # config, model, variables, history
     probabilities = run.predict(uint8_images)
     model = resnet_jax.get_model("resnet50", num_classes=10)
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 def train(config: ml_collections.ConfigDict | str, workdir: str) -> dict[str, Any]:
     """Train `config` (a config, or a config name/path for `load_config`) into `workdir`:
-    the same run as `python -m experiments.train` (resumes, locks the workdir, saves).
+    the same run as the train command, `resnet-jax-train` (resumes, locks the workdir, saves).
     Returns the last evaluation record."""
     if isinstance(config, str):
         config = load_config(config)

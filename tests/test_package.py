@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -44,9 +45,14 @@ def installed(tmp_path_factory):
     test environment's, seen through a .pth line (their own .pth files, this checkout's
     editable finder among them, are not read)."""
     where = tmp_path_factory.mktemp("package")
+    source = where / "source"  # a copy: the build's own files stay out of the checkout
+    shutil.copytree(os.path.join(ROOT, "resnet_jax"), source / "resnet_jax",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
     wheels = where / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-w", str(wheels), ROOT],
+                            "--no-build-isolation", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     wheel, = glob.glob(str(wheels / "resnet_jax-*.whl"))

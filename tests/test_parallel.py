@@ -144,7 +144,7 @@ def train_args(workdir, parallel: str, steps: int) -> list[str]:
     """The layout comparison's run, on the reference layers: these tests hold layouts to the
     same numbers, which must not depend on the convolution algorithm a CPU's instruction set
     selects (the CPU kernels' numerics are tested on their own, in tests/ops/)."""
-    from benchmarks.layout_agreement import train_args as args
+    from benchmarks.probes.layout_agreement import train_args as args
 
     return args(str(workdir), parallel, steps, seed=0) + ["--config.cpu_kernels=False"]
 
@@ -260,7 +260,7 @@ def test_scaling_benchmark_writes_one_record_per_device_count(tmp_path):
 
 
 def test_layout_agreement_names_a_bad_layout():
-    from benchmarks.layout_agreement import parse_layout
+    from benchmarks.probes.layout_agreement import parse_layout
 
     assert parse_layout("2x2:pmap") == (2, 2, "pmap")
     with pytest.raises(Exception, match="'2x2:dp'.*single, pmap, sharded"):

@@ -368,7 +368,8 @@ def test_train_step_is_traced_once_and_eval_is_exact(real_fashion_mnist):
     # accuracy equals the one computed on the whole split at once
     eval_step = jax.jit(make_eval_step(exp.model, exp.num_classes, get_loss(c.loss),
                                        preprocess=experiment.device_input(exp.config, False)))
-    result = evaluate(eval_step, state, exp.eval_source, exp.info, c.eval_batch_size)
+    result = evaluate(eval_step, state, exp.eval_source, exp.info,
+                      experiment.eval_input(c, c.eval_batch_size))
     assert result["count"] == 1000 and int(result["confusion"].sum()) == 1000
     x = (exp.eval_source.images.astype(np.float32) / 255 - 0.2860) / 0.3530
     logits = exp.model.apply({"params": state.params, "batch_stats": state.batch_stats}, x)

@@ -123,7 +123,7 @@ def _onednn_pays(x_shape, w_shape, strides, pads, operands: str = "float32") -> 
     """Whether oneDNN runs this convolution faster than XLA in a train step: output maps of
     at least 8x8 (any size with bfloat16 operands), and not a strided 1x1 convolution (XLA's
     is a strided slice and a matmul).
-    Measured in-step (`python -m benchmarks.ab_step --op conv`, cpu_speed_log.md section
+    Measured in-step (`python -m benchmarks.probes.ab_step --op conv`, cpu_speed_log.md section
     14): with oneDNN on every convolution the ResNet-50 on 28x28 images (maps of 7x7 and
     less, 64-2048 channels) ran at 0.91x, with this rule at 1.01x; the CIFAR ResNets (maps
     of 32x32 to 8x8) at 1.43-1.45x either way."""

@@ -1,6 +1,6 @@
 """Train the same few steps under two device layouts and report how far apart they end.
 
-    python -m benchmarks.layout_agreement --steps 3 --seed 0 \
+    python -m benchmarks.probes.layout_agreement --steps 3 --seed 0 \
         --layouts 1x4:sharded 2x2:pmap
 
 Each layout is PROCESSESxDEVICES:STRATEGY, run by `python -m experiments.launch` on the main
@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_layout(text: str) -> tuple[int, int, str]:

@@ -2,7 +2,7 @@
 convolutions and with oneDNN's (ops.dnnl_conv), side by side in one process: which shapes
 each back-end runs faster.
 
-    python -m benchmarks.model_conv_probe --model fashion_mnist_resnet50
+    python -m benchmarks.probes.model_conv_probe --model fashion_mnist_resnet50
 
 Prints, per shape, how often the model has it, the median milliseconds of each back-end
 (forward, input gradient and weight gradient in one jitted call) and their ratio.

@@ -1,7 +1,7 @@
 """One 3x3 convolution (+ BatchNorm + ReLU) forward and backward, resnet_jax's CPU path
 against PyTorch (channels-last), in one process: where a model's gap to PyTorch comes from.
 
-    python -m benchmarks.conv_probe --batch 128 --size 32 --channels 16
+    python -m benchmarks.probes.conv_probe --batch 128 --size 32 --channels 16
 
 Prints milliseconds (median of 7 after 2 warm-up calls). Needs requirements-bench.txt.
 """

@@ -2,7 +2,7 @@
 `nn.max_pool` against `ops.max_pool` (the CPU path's), compiled with the train step's CPU
 options and timed interleaved in one process.
 
-    python -m benchmarks.pool_probe [--repeats 9]
+    python -m benchmarks.probes.pool_probe [--repeats 9]
 
 Prints milliseconds (median of the repeats) and the ratio for each shape.
 """

@@ -7,7 +7,7 @@ rest of the CPU path on in both, both compiled in one process and timed interlea
 the machine's noise hits both alike.
 Also checks that one step from the same state gives the same loss and parameters.
 
-    python -m benchmarks.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
+    python -m benchmarks.probes.ab_step --model cifar_resnet20 [--op batch_norm] [--repeats 10]
 
 Models of the speed suite run at its input and batch; any other registry model at its own
 input and batch 128.
