@@ -253,14 +253,14 @@ def _worker(args: list[str]) -> None:
 
 def _spawn(side: str, folder: str, transform: str, workers: int, n_batches: int,
            before: str = "") -> float:
-    """One measurement in a fresh process; side "before": resnet_jax's side as the checkout
-    `before` (another commit) runs it."""
+    """One measurement in a fresh process; sides "before" and "feeder_before": resnet_jax's
+    side and the feeder as the checkout `before` (another commit) runs them."""
     python = TF_PYTHON if side == "tf_data" else sys.executable
-    root = before if side == "before" else ROOT
+    root = before if side in ("before", "feeder_before") else ROOT
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
+    worker = {"before": "resnet_jax", "feeder_before": "feeder"}.get(side, side)
     out = subprocess.run([python, "-m", "benchmarks.input_pipeline", "--worker",
-                          "resnet_jax" if side == "before" else side, folder,
-                          transform, str(workers), str(n_batches)],
+                          worker, folder, transform, str(workers), str(n_batches)],
                          capture_output=True, text=True, cwd=root, env=env, timeout=900)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -270,6 +270,8 @@ def _spawn(side: str, folder: str, transform: str, workers: int, n_batches: int,
 
 def markdown(rows: list[dict], meta: dict) -> str:
     before = f" before ({meta['before']})" if meta.get("before") else ""
+    if all(r["transform"] == "feeder" for r in rows):  # --feeder-only: no JPEG table
+        return _feeder_markdown(rows, meta, before).lstrip("\n")
     lines = [f"Input pipeline, images/s ({meta['machine']}, {meta['images']} JPEGs about "
              f"400x350 from real photographs, batch {BATCH}, {SIZE}x{SIZE}; median of "
              f"{meta['rounds']} rounds). resnet_jax hands over uint8 batches (normalised on "
@@ -291,16 +293,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if before:
             line += f" {r['before_img_s'] / r['workers']:.0f} |"
         lines.append(line)
+    return "\n".join(lines) + "\n" + _feeder_markdown(rows, meta, before)
+
+
+def _feeder_markdown(rows: list[dict], meta: dict, before: str) -> str:
     feeder = [r for r in rows if r["transform"] == "feeder"]
+    lines = [""]
     if feeder:
-        lines += ["", f"The feeder: ready-made uint8 {SIZE}x{SIZE} batches of {BATCH} from W "
+        lines += ["", f"The feeder ({meta['machine']}, median of {meta['rounds']} rounds): "
+                      f"ready-made uint8 {SIZE}x{SIZE} batches of {BATCH} from W "
                       f"worker processes, put on the device by the training process "
                       f"(the ceiling it sets)", "",
-                  "| worker processes | images/s | batches/s | rounds |", "|---:|---:|---:|---|"]
+                  "| worker processes | images/s | batches/s | rounds |"
+                  + (f" images/s{before} | rounds{before} |" if before else ""),
+                  "|---:|---:|---:|---|" + ("---:|---|" if before else "")]
         for r in feeder:
-            lines.append(f"| {r['workers']} | {r['resnet_jax_img_s']:.0f} | "
-                         f"{r['resnet_jax_img_s'] / BATCH:.1f} | "
-                         f"{', '.join(f'{x:.0f}' for x in r['rounds']['resnet_jax'])} |")
+            line = (f"| {r['workers']} | {r['resnet_jax_img_s']:.0f} | "
+                    f"{r['resnet_jax_img_s'] / BATCH:.1f} | "
+                    f"{', '.join(f'{x:.0f}' for x in r['rounds']['resnet_jax'])} |")
+            if "before_img_s" in r:
+                line += (f" {r['before_img_s']:.0f} | "
+                         f"{', '.join(f'{x:.0f}' for x in r['rounds']['before'])} |")
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -335,11 +349,18 @@ def run(workers: list[int], images: int, rounds: int, n_batches: int, folder: st
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     if feeder:
+        sides = ("feeder",) + (("feeder_before",) if before else ())
         for w in workers:
-            got = [_spawn("feeder", folder, "feeder", w, n_batches * 4) for _ in range(rounds)]
+            got: dict[str, list[float]] = {s: [] for s in sides}
+            for r in range(rounds):  # the sides in rotating order
+                for s in sides[r % len(sides):] + sides[:r % len(sides)]:
+                    got[s].append(_spawn(s, folder, "feeder", w, n_batches * 4, before))
             row = {"transform": "feeder", "workers": w,
-                   "resnet_jax_img_s": round(statistics.median(got), 1),
-                   "rounds": {"resnet_jax": [round(x, 1) for x in got]}}
+                   "resnet_jax_img_s": round(statistics.median(got["feeder"]), 1),
+                   "rounds": {"resnet_jax": [round(x, 1) for x in got["feeder"]]}}
+            if before:
+                row["before_img_s"] = round(statistics.median(got["feeder_before"]), 1)
+                row["rounds"]["before"] = [round(x, 1) for x in got["feeder_before"]]
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     meta = {"machine": _machine(), "images": images, "rounds": rounds,
