@@ -8,6 +8,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,7 +19,10 @@ import textwrap
 import pytest
 
 from conftest import ROOT
+from test_readme import command, readme_commands
 
+TINY = ["--config.train_subset=128", "--config.eval_subset=100", "--config.batch_size=64",
+        "--config.eval_batch_size=100", "--config.num_epochs=1", "--config.progress_bar=False"]
 USE = textwrap.dedent("""
     import json, os, sys
     import resnet_jax
@@ -25,15 +30,13 @@ USE = textwrap.dedent("""
 
     home = os.path.dirname(resnet_jax.__file__)
     assert os.path.commonpath([home, sys.argv[1]]) == sys.argv[1], home  # the installed copy
+    run = Run.load("runs/fm")  # trained by the installed command
     tiny = dict(train_subset=128, eval_subset=100, batch_size=64, eval_batch_size=100,
                 num_epochs=1, progress_bar=False)
-    config = load_config("fashion_mnist", **tiny)
-    record = resnet_jax.train(config, "run")
-    run = Run.load("run")
     swept = sweep(load_config("fashion_mnist", **tiny), "grid", {"learning_rate": [0.1, 0.2]},
                   seeds=1, progress=False)
-    print(json.dumps({"configs": resnet_jax.configs.config_names(),
-                      "accuracy": record["test_accuracy"], "model": run.config.model,
+    print(json.dumps({"configs": resnet_jax.configs.config_names(), "model": run.config.model,
+                      "accuracy": run.selected["test_accuracy"],
                       "finished": [r.name for r in swept.runs if r.selected],
                       "rows": len(swept.table)}))
 """)
@@ -50,12 +53,6 @@ def installed(tmp_path_factory):
                     ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), source / name)
-    wheels = where / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-w", str(wheels), str(source)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
-    wheel, = glob.glob(str(wheels / "resnet_jax-*.whl"))
     venv = where / "venv"
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv",
                     "--without-pip", str(venv)], check=True, timeout=300)
@@ -64,9 +61,13 @@ def installed(tmp_path_factory):
                           capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(site, "dependencies.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
+    # the README's `pip install .` (built, then installed: not editable), by this pip into
+    # the new environment, its dependencies being there already
+    pip_install = shlex.split(command("pip install ."), comments=True)
+    assert pip_install[:3] == ["pip", "install", "."]
     install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install",
-                              "--no-deps", "--no-index", wheel],
-                             capture_output=True, text=True, timeout=600)
+                              *pip_install[2:], "--no-deps", "--no-build-isolation"],
+                             cwd=source, capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
     return python, site, venv
 
@@ -79,7 +80,12 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow  # a wheel build, a venv, a run and a 2-run sweep from the installed package
 def test_the_installed_package_trains_loads_and_sweeps_from_another_directory(installed,
                                                                             tmp_path):
-    python, site, _ = installed
+    python, site, venv = installed
+    env = dict(_env(), PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    train = subprocess.run(shlex.split(command("resnet-jax-train --config fashion_mnist"),
+                                       comments=True) + TINY,
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
     out = subprocess.run([python, "-c", USE, site], cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -91,17 +97,18 @@ def test_the_installed_package_trains_loads_and_sweeps_from_another_directory(in
     log = open(glob.glob(str(tmp_path / "grid" / "logs" / "*.log"))[0]).read()
     assert "-m resnet_jax.cli.train --config" in log and "grid/config.json" in log
     assert not glob.glob(str(tmp_path / "grid" / "*.py"))  # no generated Python
-    # a run's config.json starts that run again (here: a new run of the same config)
-    again = subprocess.run([os.path.join(os.path.dirname(python), "resnet-jax-train"),
-                            "--config", str(tmp_path / "run" / "config.json"),
-                            "--workdir", str(tmp_path / "again")],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    # a run's config.json starts that run again: the same config, the same numbers
+    again = subprocess.run(shlex.split(command("resnet-jax-train --config runs/fm/config.json"),
+                                       comments=True),
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    first = json.load(open(tmp_path / "run" / "config.json"))
-    assert json.load(open(tmp_path / "again" / "config.json")) == first
-    with open(tmp_path / "run" / "metrics.jsonl") as a, open(tmp_path / "again" / "metrics.jsonl") as b:
-        losses = [[r.get("train_loss") for r in map(json.loads, f)] for f in (a, b)]
-    assert losses[0] == losses[1]  # the same run, step for step
+    runs = tmp_path / "runs"
+    assert json.load(open(runs / "fm_again" / "config.json")) == json.load(
+        open(runs / "fm" / "config.json"))
+    with open(runs / "fm" / "metrics.jsonl") as a, open(runs / "fm_again" / "metrics.jsonl") as b:
+        records = [[(r["train_loss"], r["test_accuracy"]) for r in map(json.loads, f)]
+                   for f in (a, b)]
+    assert records[0] == records[1] and records[0]
 
 
 def test_the_installed_commands_and_configs_need_no_checkout(installed, tmp_path):
@@ -120,3 +127,26 @@ def test_the_installed_commands_and_configs_need_no_checkout(installed, tmp_path
     assert "resnet_jax/configs/fashion_mnist.py" in files
     assert "resnet_jax/ops/native/dnnl_conv.cc" in files and ".so" not in files
     assert "tests/" not in files and "experiments/" not in files
+
+
+def test_the_readme_extras_are_the_packages_with_the_pinned_jax_of_each_accelerator():
+    """Each `pip install ".[EXTRA]"` of the README names an extra of pyproject.toml; an
+    accelerator's extra allows the jax its pinned requirement file installs, and oneDNN's
+    is requirements.txt's pin."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"][
+        "optional-dependencies"]
+    named = [re.search(r'"\.\[(\w+)\]"', c)[1] for c in readme_commands()
+             if c.startswith('pip install ".[')]
+    assert named == ["cuda13", "onednn", "convert"] and set(named) <= set(extras)
+    for accelerator in ("cuda12", "cuda13", "tpu"):
+        (jax,) = [Requirement(r) for r in extras[accelerator]]
+        pinned = [Requirement(l.strip()) for l in open(os.path.join(ROOT, f"requirements-{accelerator}.txt"))
+                  if l.startswith("jax[")]
+        assert jax.name == "jax" and jax.extras == {accelerator} == pinned[0].extras
+        assert jax.specifier.contains(next(iter(pinned[0].specifier)).version)
+    cpu_pins = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert all(r.split(";")[0] in cpu_pins for r in extras["onednn"])

@@ -102,6 +102,10 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.plot_runs": "best_and_plot",
     "ACCELERATOR=": "accelerator_installs",
     ".venv/bin/python -m experiments.benchmark --accelerator": "accelerator",
+    # tests/test_package.py runs these (the package installed into a fresh environment)
+    "pip install .": "test_package: installed",
+    'pip install ".[': "test_package: extras",
+    "resnet-jax-train --config": "test_package: trains",
     # tests/test_sweep.py runs these (its fixtures are built from them)
     ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
     "--workdir runs/fashion_mnist_seeds": "test_sweep: slurm",
@@ -117,7 +121,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 26
+    assert len(commands) == 32
 
 
 def test_command_is_what_ci_runs():
