@@ -1,7 +1,7 @@
 """ResNet-50 on ImageNet, procedure A2 of "ResNet strikes back" (Wightman, Touvron and Jegou
 2021, Table 1): 300 epochs at 224, LAMB at 5e-3 with weight decay 0.02, stochastic depth
 0.05, repeated augmentation (3 copies), RandAugment magnitude 7, mixup 0.1, CutMix 1.0, BCE
-with target threshold 0.2 (the shared recipe: experiments/configs/common.py).
+with target threshold 0.2 (the shared recipe: resnet_jax/configs/common.py).
 
     python -m experiments.train --config experiments/configs/imagenet_resnet50_rsb_a2.py \
         --workdir runs/rsb_a2 --config.data_dir=DIR_WITH_TFDS_IMAGENET2012

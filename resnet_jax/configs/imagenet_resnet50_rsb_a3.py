@@ -1,7 +1,7 @@
 """ResNet-50 on ImageNet, procedure A3 of "ResNet strikes back" (Wightman, Touvron and Jegou
 2021, Table 1): 100 epochs at 160 pixels, tested at 224, LAMB at 8e-3 with weight decay
 0.02, no stochastic depth, no repeated augmentation, RandAugment magnitude 6, mixup 0.1,
-CutMix 1.0, BCE with target threshold 0.2 (the shared recipe: experiments/configs/common.py).
+CutMix 1.0, BCE with target threshold 0.2 (the shared recipe: resnet_jax/configs/common.py).
 
     python -m experiments.train --config experiments/configs/imagenet_resnet50_rsb_a3.py \
         --workdir runs/rsb_a3 --config.data_dir=DIR_WITH_TFDS_IMAGENET2012
