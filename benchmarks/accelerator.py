@@ -135,7 +135,8 @@ def _pipeline(model: str, image: int, batch: int, channels: int, classes: int,
     if len(source) < batch:
         raise ValueError(f"--folder {folder} has {len(source)} training images; {model} at "
                          f"batch {batch} needs at least {batch}")
-    return pipeline.train_batches(source, info, pipeline.TrainInput(batch, 0, image_size=image, workers=workers))
+    return pipeline.train_batches(source, info,
+                                  pipeline.TrainInput(batch, 0, image_size=image, workers=workers))
 
 
 def _engine(model: str, image: int, batch: int, dtype: str):

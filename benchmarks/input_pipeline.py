@@ -84,11 +84,15 @@ def measure_resnet_jax(folder: str, transform: str, workers: int, n_batches: int
     info = dataset_info("image_folder", folder, 0.0)
     source = load_source("image_folder", "train", folder, holdout_fraction=0.0)
     if transform == "train":
-        batches = pipeline.train_batches(source, info, pipeline.TrainInput(BATCH, 0, image_size=SIZE, workers=workers, threads=1))
+        batches = pipeline.train_batches(source, info,
+                                         pipeline.TrainInput(BATCH, 0, image_size=SIZE,
+                                                             workers=workers, threads=1))
     else:  # one evaluation pass over the files listed often enough for every timed batch
         repeat = -(-(n_batches + WARMUP + 1) * BATCH // len(source))
         source = FileSource(source.paths * repeat, np.tile(source.labels, repeat))
-        batches = pipeline.eval_batches(source, info, pipeline.EvalInput(BATCH, image_size=SIZE, workers=workers, threads=1))
+        batches = pipeline.eval_batches(source, info,
+                                        pipeline.EvalInput(BATCH, image_size=SIZE, workers=workers,
+                                                           threads=1))
     try:
         return _rate(batches, n_batches)
     finally:

@@ -85,9 +85,12 @@ def test_a_policy_in_the_pipeline_changes_images_reproducibly_and_per_image(poli
     source = ArraySource(images, rng.integers(0, 10, 256).astype(np.int32))
     info = DATASETS["fashion_mnist"]
     plain = next(pipeline.train_batches(source, info, pipeline.TrainInput(128, 1, augment="none")))
-    a = next(pipeline.train_batches(source, info, pipeline.TrainInput(128, 1, augment="none", policy=policy)))
-    b = next(pipeline.train_batches(source, info, pipeline.TrainInput(128, 1, augment="none", policy=policy)))
-    c = next(pipeline.train_batches(source, info, pipeline.TrainInput(128, 2, augment="none", policy=policy)))
+    a = next(pipeline.train_batches(source, info,
+                                    pipeline.TrainInput(128, 1, augment="none", policy=policy)))
+    b = next(pipeline.train_batches(source, info,
+                                    pipeline.TrainInput(128, 1, augment="none", policy=policy)))
+    c = next(pipeline.train_batches(source, info,
+                                    pipeline.TrainInput(128, 2, augment="none", policy=policy)))
     np.testing.assert_array_equal(a["image"], b["image"])
     changed = np.any(a["image"] != plain["image"], axis=(1, 2, 3))
     assert 0.5 < changed.mean() < 1.0  # identity and no-op draws leave some as they were

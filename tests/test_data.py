@@ -116,7 +116,9 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
 
     def batches(skip):
         # one batch covering the whole split, so the corrupt file is in it
-        return pipeline.train_batches(source, info, pipeline.TrainInput(len(source), 0, image_size=32, skip_corrupt=skip))
+        return pipeline.train_batches(source, info,
+                                      pipeline.TrainInput(len(source), 0, image_size=32,
+                                                          skip_corrupt=skip))
     with pytest.raises(CorruptImageError,
                        match=rf"{bad}: (cannot decode|not a readable image).*skip_corrupt_images"):
         next(batches(False))
@@ -126,7 +128,8 @@ def test_a_corrupt_jpeg_stops_training_with_its_path_or_is_skipped_and_counted(
     assert np.isfinite(batch["image"]).all()
     del index
 
-    evals = list(pipeline.eval_batches(source, info, pipeline.EvalInput(50, image_size=32, skip_corrupt=True)))
+    evals = list(pipeline.eval_batches(source, info,
+                                       pipeline.EvalInput(50, image_size=32, skip_corrupt=True)))
     assert sum(int(b["corrupt"].sum()) for b in evals) == 1
     assert sum(float(b["mask"].sum()) for b in evals) == len(source) - 1  # masked out
 
@@ -159,7 +162,8 @@ def test_worker_processes_give_the_same_batches_and_resume_from_their_state(phot
     source = load_source("image_folder", "train", photo_folder)
     here = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48))
     expected = [next(here) for _ in range(10)]  # crosses the epoch boundary (7 steps/epoch)
-    workers = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48, workers=2))
+    workers = pipeline.train_batches(source, info,
+                                     pipeline.TrainInput(16, 5, image_size=48, workers=2))
     try:
         got = [next(workers) for _ in range(4)]
         state = workers.get_state()
@@ -169,8 +173,11 @@ def test_worker_processes_give_the_same_batches_and_resume_from_their_state(phot
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     json.dumps(state)  # checkpoint metadata is JSON
-    resumed = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48, workers=2), state=state)
-    by_step = pipeline.train_batches(source, info, pipeline.TrainInput(16, 5, image_size=48), start_step=4)
+    resumed = pipeline.train_batches(source, info,
+                                     pipeline.TrainInput(16, 5, image_size=48, workers=2),
+                                                         state=state)
+    by_step = pipeline.train_batches(source, info,
+                                     pipeline.TrainInput(16, 5, image_size=48), start_step=4)
     try:
         for k in range(4, 10):
             a, b = next(resumed), next(by_step)
@@ -283,7 +290,8 @@ def test_imagenet_style_tfds_dataset_keeps_jpegs_encoded_until_the_pipeline(tmp_
     info = DATASETS["imagenette"]
     batches = pipeline.train_batches(train, info, pipeline.TrainInput(8, 0, image_size=64))
     first, second = next(batches), next(batches)
-    again = next(pipeline.train_batches(train, info, pipeline.TrainInput(8, 0, image_size=64), start_step=1))
+    again = next(pipeline.train_batches(train, info,
+                                        pipeline.TrainInput(8, 0, image_size=64), start_step=1))
     np.testing.assert_array_equal(second["image"], again["image"])
     assert first["image"].shape == (8, 64, 64, 3)
     evals = list(pipeline.eval_batches(val, info, pipeline.EvalInput(4, image_size=64)))

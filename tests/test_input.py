@@ -155,16 +155,19 @@ def test_pad_crop_flip_on_decoded_images_equals_it_on_the_same_images_in_memory(
     memory = ArraySource(*arrays["train"])
     batches = {}
     for augment in ("crop_flip", "flip", "none"):
-        decoded = next(pipeline.train_batches(files, info, pipeline.TrainInput(16, 3, augment=augment, image_size=32, threads=0)))
-        in_memory = next(pipeline.train_batches(memory, info, pipeline.TrainInput(16, 3, augment=augment)))
+        decoded = next(pipeline.train_batches(files, info,
+                                              pipeline.TrainInput(16, 3, augment=augment,
+                                                                  image_size=32, threads=0)))
+        in_memory = next(pipeline.train_batches(memory, info,
+                                                pipeline.TrainInput(16, 3, augment=augment)))
         np.testing.assert_array_equal(decoded["image"], in_memory["image"])
         np.testing.assert_array_equal(decoded["label"], in_memory["label"])
         batches[augment] = decoded["image"]
     assert not np.array_equal(batches["crop_flip"], batches["flip"])  # shifted by the pad
     assert not np.array_equal(batches["flip"], batches["none"])  # mirrored
     # evaluation takes a 32x32 image whole when the model's size is 32
-    whole = next(pipeline.eval_batches(load_source("image_folder", "val", folder,
-                                                   holdout_fraction=0.0), info, pipeline.EvalInput(12, image_size=32)))
+    val = load_source("image_folder", "val", folder, holdout_fraction=0.0)
+    whole = next(pipeline.eval_batches(val, info, pipeline.EvalInput(12, image_size=32)))
     np.testing.assert_array_equal(whole["image"], arrays["val"][0])
 
 
@@ -323,7 +326,9 @@ def test_with_workers_only_the_slots_are_shared_memory_and_nothing_is_left_at_cl
 
     folder = write_folder(str(tmp_path / "photos"), train=48, classes=3)
     source = load_source("image_folder", "train", folder)
-    iterator = pipeline.train_batches(source, dataset_info("image_folder", folder), pipeline.TrainInput(4, 0, image_size=32, workers=2, end_step=24))
+    iterator = pipeline.train_batches(source, dataset_info("image_folder", folder),
+                                      pipeline.TrainInput(4, 0, image_size=32, workers=2,
+                                                          end_step=24))
     names = {n for worker in iterator.slots.names for n in worker}
     kinds = set()
     for step, batch in enumerate(iterator):

@@ -57,8 +57,9 @@ def installed(tmp_path_factory):
     subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv",
                     "--without-pip", str(venv)], check=True, timeout=300)
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([python, "-c", purelib], capture_output=True, text=True,
+                          check=True).stdout.strip()
     with open(os.path.join(site, "dependencies.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     # the README's `pip install .` (built, then installed: not editable), by this pip into
@@ -144,8 +145,8 @@ def test_the_readme_extras_are_the_packages_with_the_pinned_jax_of_each_accelera
     assert named == ["cuda13", "onednn", "convert"] and set(named) <= set(extras)
     for accelerator in ("cuda12", "cuda13", "tpu"):
         (jax,) = [Requirement(r) for r in extras[accelerator]]
-        pinned = [Requirement(l.strip()) for l in open(os.path.join(ROOT, f"requirements-{accelerator}.txt"))
-                  if l.startswith("jax[")]
+        path = os.path.join(ROOT, f"requirements-{accelerator}.txt")
+        pinned = [Requirement(line.strip()) for line in open(path) if line.startswith("jax[")]
         assert jax.name == "jax" and jax.extras == {accelerator} == pinned[0].extras
         assert jax.specifier.contains(next(iter(pinned[0].specifier)).version)
     cpu_pins = open(os.path.join(ROOT, "requirements.txt")).read()

@@ -163,7 +163,8 @@ def test_train_batches_resume_mid_run_with_the_same_order():
     source, info = _toy_source(shape=(8, 8, 3)), DATASETS["cifar10"]
     fresh = pipeline.train_batches(source, info, pipeline.TrainInput(16, 3, augment="crop_flip"))
     first = [next(fresh) for _ in range(9)]  # crosses the epoch boundary (6 steps/epoch)
-    resumed = pipeline.train_batches(source, info, pipeline.TrainInput(16, 3, augment="crop_flip"), start_step=5)
+    resumed = pipeline.train_batches(source, info,
+                                     pipeline.TrainInput(16, 3, augment="crop_flip"), start_step=5)
     for expected in first[5:]:
         got = next(resumed)
         np.testing.assert_array_equal(got["image"], expected["image"])
@@ -173,8 +174,12 @@ def test_train_batches_resume_mid_run_with_the_same_order():
 
 def test_process_shards_concatenate_to_the_global_batch():
     source, info = _toy_source(shape=(8, 8, 3)), DATASETS["cifar10"]
-    whole = next(pipeline.train_batches(source, info, pipeline.TrainInput(16, 1, augment="crop_flip")))
-    parts = [next(pipeline.train_batches(source, info, pipeline.TrainInput(16, 1, augment="crop_flip", process_index=i, process_count=2))) for i in range(2)]
+    whole = next(pipeline.train_batches(source, info,
+                                        pipeline.TrainInput(16, 1, augment="crop_flip")))
+    parts = [next(pipeline.train_batches(source, info,
+                                         pipeline.TrainInput(16, 1, augment="crop_flip",
+                                                             process_index=i,
+                                                             process_count=2))) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
     with pytest.raises(ValueError, match="batch size 16 does not divide across 3 processes"):
         next(pipeline.train_batches(source, info, pipeline.TrainInput(16, 1, process_count=3)))
@@ -425,7 +430,8 @@ def test_a_few_steps_on_cifar10_prepared_offline_lower_the_loss(tmp_path):
     assert exp.image_shape == (32, 32, 3)
     state = create_train_state(exp.model, exp.tx, jax.random.key(0), exp.image_shape)
     step = jax.jit(make_train_step(exp.model, exp.tx, exp.schedule, get_loss(c.loss)))
-    batch = next(pipeline.train_batches(exp.train_source, exp.info, pipeline.TrainInput(32, 0, augment="none")))
+    batch = next(pipeline.train_batches(exp.train_source, exp.info,
+                                        pipeline.TrainInput(32, 0, augment="none")))
     losses = []
     for _ in range(8):
         state, m = step(state, batch, jax.random.key(0))

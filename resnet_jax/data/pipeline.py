@@ -28,19 +28,15 @@ DECODE_THREADS = 2  # threads per process decoding encoded images (decoding rele
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainInput:
-    """What the training batches are. `augment` None: the dataset's own; `image_size` None:
-    the source's (in memory) or 224 (encoded images). `workers` processes decode and augment
-    (0: this one); the batches and their order do not depend on it, nor on `threads` (None:
-    `DECODE_THREADS` for encoded images, 0 for arrays). After the crop and flip, each image
-    gets the automatic augmentation `policy` ('rand_augment': `policy_ops` operations at bin
-    `policy_magnitude` of 31; 'trivial_augment_wide'). Decoded images are resized with
-    `interpolation`. `repeats` > 1: repeated augmentation (`order.TrainPositions`). Endless
-    unless `end_step` is given."""
+class _Input:
+    """What every pipeline is told: the global batch, and (by keyword) the image size (None:
+    the source's for in-memory arrays, 224 for encoded images), this process's place among
+    `process_count`, `workers` processes (0: this one; the batches do not depend on it, nor
+    on `threads`, None: `DECODE_THREADS` for encoded images, 0 for arrays), whether a
+    corrupt image is skipped, the channels decoded."""
 
     global_batch: int
-    seed: int
-    augment: str | None = None
+    _: dataclasses.KW_ONLY
     image_size: int | None = None
     process_index: int = 0
     process_count: int = 1
@@ -48,30 +44,31 @@ class TrainInput:
     threads: int | None = None
     skip_corrupt: bool = False
     channels: int = 3
+    interpolation: str = "bilinear"  # decoded images' resize filter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInput(_Input):
+    """The training batches: `augment` (None: the dataset's own), then each image's automatic
+    augmentation `policy` ('rand_augment': `policy_ops` operations at bin `policy_magnitude`
+    of 31; 'trivial_augment_wide'); `repeats` > 1: repeated augmentation
+    (`order.TrainPositions`). Endless unless `end_step` is given."""
+
+    seed: int
+    augment: str | None = None
     end_step: int | None = None
     policy: str = ""
     policy_ops: int = 2
     policy_magnitude: int = 9
-    interpolation: str = "bilinear"
     repeats: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalInput:
-    """What the evaluation batches are: every example once, in order, the last batch
-    zero-padded with mask 0; decoded images are the central `crop_pct` of their shorter
-    side, resized to `image_size` with `interpolation`."""
+class EvalInput(_Input):
+    """The evaluation batches: every example once, in order, the last batch zero-padded with
+    mask 0; decoded images are the central `crop_pct` of their shorter side."""
 
-    global_batch: int
-    image_size: int | None = None
-    process_index: int = 0
-    process_count: int = 1
-    workers: int = 0
-    threads: int | None = None
-    skip_corrupt: bool = False
-    channels: int = 3
     crop_pct: float = 0.875
-    interpolation: str = "bilinear"
 
 
 def train_batches(source, info: DatasetInfo, options: TrainInput, start_step: int = 0,

@@ -324,8 +324,8 @@ def eval_input(config: ml_collections.ConfigDict, batch_size: int) -> pipeline.E
     wrote it out, or the defaults), for this process's part of global batches of
     `batch_size`."""
     return pipeline.EvalInput(
-        batch_size, eval_image_size(config), jax.process_index(), jax.process_count(),
-        workers=config.data_workers, skip_corrupt=config.skip_corrupt_images,
+        batch_size, image_size=eval_image_size(config), process_index=jax.process_index(),
+        process_count=jax.process_count(), workers=config.data_workers, skip_corrupt=config.skip_corrupt_images,
         crop_pct=config.eval_crop_pct or DEFAULT_CROP_PCT,
         interpolation=config.interpolation or "bilinear")
 
