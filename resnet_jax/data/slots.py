@@ -7,10 +7,13 @@ pipeline starts, and they are reused for its whole life. A worker writes a batch
 into one of its free slots, marks it busy and hands over only its name (`SlotRef`); the
 training process reads the batch in place (on the CPU, `device_put` even aliases it) and
 marks the slot free again when nothing refers to that batch any more (its array's
-finalizer). With no slot free (the worker is ahead), a worker copies the batch into fresh
-shared memory under a name of the pipeline's (`FreshRef`); the training process copies it
-out and unlinks it at once, and at close unlinks any such block still on its way, so nothing
-is left linked however the pipeline stops.
+finalizer). With no slot free (the worker is ahead), a worker waits for one to be freed, up
+to WAIT_FOR_SLOT_S: backpressure, which kept the feeder at 166,000 images/s with two workers
+where a fresh block per batch gave 42,000 (RESULTS.md). Only after that (a consumer that
+keeps its batches) does it copy the batch into fresh shared memory under a name of the
+pipeline's (`FreshRef`); the training process copies it out and unlinks it at once, and at
+close unlinks any such block still on its way, so nothing is left linked however the
+pipeline stops.
 
 The training process owns the names: it unlinks them when the pipeline closes (after its
 workers stopped), and unmaps each slot once no batch reads from it.
