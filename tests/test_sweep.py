@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -181,6 +182,10 @@ def test_welch_interval_and_p_value_are_scipys():
     assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high))
     assert got["p"] == pytest.approx(ref.pvalue) and got["df"] == pytest.approx(ref.df)
     assert stats.welch([0.9], [0.8, 0.85])["low"] is None  # one run: no interval
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scipy's precision warning lands in the note
+        near = stats.welch([0.25, 0.25 + 5.6e-17, 0.25], [0.25, 0.25, 0.25 + 5.6e-17])
+    assert "Precision loss" in near["note"]
 
 
 @pytest.mark.parametrize("grid, message", [

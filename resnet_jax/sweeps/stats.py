@@ -3,14 +3,17 @@ from Welch's t (unequal variances, Welch-Satterthwaite degrees of freedom)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
 
 def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """mean(a) - mean(b) with its `confidence` interval and two-sided p-value by Welch's t.
-    With fewer than two values on a side, or no spread on either, the interval is None."""
+    """mean(a) - mean(b) with its `confidence` interval and two-sided p-value by Welch's t
+    (scipy's `ttest_ind(equal_var=False)`). With fewer than two values on a side, or no
+    spread on either, the interval is None; what scipy warns of (values that differ only by
+    rounding) is the result's "note", not a warning."""
     from scipy import stats
 
     if not 0 < confidence < 1:
@@ -29,8 +32,12 @@ def welch(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> d
     if x.var() == 0 and y.var() == 0:
         out["note"] = "no spread on either side: no interval"
         return out
-    test = stats.ttest_ind(x, y, equal_var=False)
-    interval = test.confidence_interval(confidence)
+    with warnings.catch_warnings(record=True) as caught:  # scipy's word goes in the result
+        warnings.simplefilter("always")
+        test = stats.ttest_ind(x, y, equal_var=False)
+        interval = test.confidence_interval(confidence)
+    if caught:  # e.g. values equal but for rounding: "Precision loss occurred ..."
+        out["note"] = str(caught[0].message).split(". ")[0]
     out.update(low=float(interval.low), high=float(interval.high), df=float(test.df),
                p=float(test.pvalue))
     return out
