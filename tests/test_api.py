@@ -169,3 +169,44 @@ def test_a_plain_jit_step_of_a_zoo_model_has_no_custom_calls():
 
     hlo = jax.jit(step).lower(variables["params"]).as_text()
     assert "convolution" in hlo and "custom_call" not in hlo
+
+
+def test_the_export_command_writes_onnx_with_preprocessing_and_class_names(trained, tmp_path,
+                                                                           capsys):
+    import onnxruntime
+
+    from resnet_jax.cli import export
+
+    out = str(tmp_path / "serving")
+    assert export.main(["--workdir", trained[0], "--out", out]) == 0  # the default: onnx
+    assert capsys.readouterr().out.strip() == os.path.join(out, "model.onnx")
+    run = Run.load(trained[0])
+    described = json.load(open(os.path.join(out, "preprocessing.json")))
+    assert described["input"] == {"name": "images", "layout": "NHWC", "dtype": "float32",
+                                  "shape": [None, 28, 28, 1]}
+    assert described["class_names"] == list(run.class_names) and "T-shirt/top" in run.class_names
+    assert open(os.path.join(out, "class_names.txt")).read().splitlines() == list(run.class_names)
+    assert described["mean"] == list(run.info.mean) and described["step"] == run.step
+    raw = run.load_split("test").images[:50]
+    session = onnxruntime.InferenceSession(os.path.join(out, "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": run.preprocess(raw)})[0]
+    want = run.logits(raw)
+    # the run evaluates with bfloat16 CPU convolutions (the main job's cpu_conv_dtype), the
+    # export in float32: they differ by bfloat16's rounding (8 bits of mantissa), not more
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.96
+    np.testing.assert_allclose(np.exp(want) / np.exp(want).sum(1, keepdims=True),
+                               run.predict(raw), rtol=1e-4, atol=1e-6)
+
+
+def test_a_bad_export_format_is_a_one_line_error(trained, tmp_path, capsys):
+    from resnet_jax.cli import export
+
+    assert export.main(["--workdir", trained[0], "--out", str(tmp_path / "x"),
+                        "--format", "tflite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: format='tflite'; expected one of ('pytorch', 'onnx', 'stablehlo')"
+    with pytest.raises(ValueError, match=r"^format='savedmodel'; expected one of"):
+        Run.load(trained[0]).export(str(tmp_path / "y"), format="savedmodel")
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")

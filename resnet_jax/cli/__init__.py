@@ -9,4 +9,5 @@
     resnet-jax-plot       plot_runs.py        runs' accuracy against time, one plot
     resnet-jax-summary    summary.py          a model's layers, parameters and FLOPs
     resnet-jax-convert    convert_weights.py  PyTorch/timm/Keras weights into a run's format
+    resnet-jax-export     export.py           a run's model as ONNX, StableHLO or PyTorch weights
 """

@@ -52,8 +52,8 @@ class LocalResponseNorm(nn.Module):
 
 def zero_pad_shortcut(x: jax.Array, out_channels: int, strides: int) -> jax.Array:
     """Option A shortcut of He et al. 2015: subsample by `strides`, zero-pad new channels."""
-    if strides > 1:
-        x = x[:, ::strides, ::strides, :]
+    if strides > 1:  # a strided slice (x[:, ::s, ::s] is a gather when the batch is symbolic)
+        x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, strides, strides, 1))
     extra = out_channels - x.shape[-1]
     if extra < 0:
         raise ValueError(

@@ -160,10 +160,18 @@ class Run:
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (N, classes) for raw uint8 images of the dataset's shape
         (normalised on the device, inside the jitted prediction)."""
+        return self._batched(self._probabilities, images, batch_size)
+
+    def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """The evaluation logits (N, classes) of raw uint8 images, before the softmax: what
+        `export` writes for serving computes from `preprocess(images)`. With the run's
+        `eval_flip`, the log of the probabilities averaged over each image and its mirror."""
+        return self._batched(self._logits, images, batch_size)
+
+    def _batched(self, fn, images: np.ndarray, batch_size: int | None) -> np.ndarray:
         x = self.model_images(images)
         size = batch_size or self.config.eval_batch_size
-        out = [np.asarray(self._probabilities(self.variables, x[i:i + size]))
-               for i in range(0, len(x), size)]
+        out = [np.asarray(fn(self.variables, x[i:i + size])) for i in range(0, len(x), size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
     def evaluate(self, split: str = "test", n: int = 0) -> dict[str, Any]:
@@ -191,11 +199,25 @@ class Run:
                 "crop_pct": float(options.crop_pct) if info.image_shape is None else 1.0,
                 "interpolation": options.interpolation}
 
-    def export(self, path: str, layout: str = "timm") -> str:
-        """Write the weights for PyTorch: `path`/model.safetensors, the state_dict that
-        timm's (layout="timm") or torchvision's (layout="torchvision") model of the run's
-        name loads with strict=True, and `path`/config.json as timm writes it, with the
-        run's preprocessing. Returns `path`."""
+    def export(self, path: str, format: str = "pytorch", layout: str = "timm") -> str:
+        """Write the model for use outside this project; returns the file or folder written.
+
+        format="pytorch": `path`/model.safetensors, the state_dict that timm's
+        (layout="timm") or torchvision's (layout="torchvision") model of the run's name loads
+        with strict=True, and `path`/config.json as timm writes it, with the preprocessing.
+        format="onnx" or "stablehlo": `path`/model.onnx (opset 18) or `path`/model.stablehlo
+        (`jax.export`, serialized), computing `logits` from `preprocess(images)` for any
+        batch size on plain XLA operations in float32, whatever CPU kernels and compute
+        dtype the run trained with, BatchNorm folded in, no dropout; beside it
+        preprocessing.json (mean, std, crop, layout, the input and output tensors, the
+        class names) and class_names.txt."""
+        from resnet_jax import export as serving
+
+        serving.check_format(format)
+        if format != "pytorch":
+            return serving.write_serving(path, format, self._serving_logits(),
+                                         _float32(self.variables), self.image_shape,
+                                         self._serving_description(), self.class_names)
         from safetensors.numpy import save_file
 
         from resnet_jax.convert import timm as timm_convert
@@ -213,6 +235,24 @@ class Run:
             json.dump(config, f, indent=2)
         return path
 
+    def _serving_logits(self):
+        """eval_logits of the run's model rebuilt on plain XLA operations in float32."""
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+            config.cpu_kernels, config.dtype, config.sync_batch_norm = False, "float32", False
+        model = experiment.build_model(config, len(self.class_names))
+        flip = self.config.get("eval_flip", False)
+        return lambda variables, images: eval_logits(model, variables, images, flip)
+
+    def _serving_description(self) -> dict[str, Any]:
+        source_channels = (self.info.image_shape or (0, 0, 3))[-1]
+        return {**self.preprocessing(),
+                "repeat_gray_to_rgb": bool(source_channels == 1 and self.image_shape[-1] == 3),
+                "scale": "x / 255, then (x - mean) / std per channel",
+                "eval_flip": bool(self.config.get("eval_flip", False)),
+                "model": self.config.model, "step": self.step, "weights":
+                "ema" if self.ema else "trained", "run": os.path.abspath(self.workdir)}
+
     def feature_maps(self, images: np.ndarray, module: str) -> np.ndarray:
         """The output of submodule `module` (e.g. "layer2_0", "conv1") for raw images."""
         x = jnp.asarray(self.preprocess(images))
@@ -226,12 +266,17 @@ class Run:
         return np.asarray(found["__call__"][0])
 
     @functools.cached_property
-    def _probabilities(self):
+    def _logits(self):
         options = experiment.jit_options(self.config)
         flip = self.config.get("eval_flip", False)
         prepare = experiment.device_input(self.config, train=False)
-        return jax.jit(lambda v, x: jax.nn.softmax(eval_logits(self.model, v, prepare(x), flip)),
+        return jax.jit(lambda v, x: eval_logits(self.model, v, prepare(x), flip),
                        compiler_options=options("eval") if options else None)
+
+    @functools.cached_property
+    def _probabilities(self):
+        logits = self._logits
+        return lambda v, x: jax.nn.softmax(logits(v, x))
 
     @functools.cached_property
     def _device_input(self):
@@ -245,3 +290,10 @@ class Run:
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
 
+
+
+def _float32(variables):
+    """The variables with every floating-point leaf in float32, as NumPy arrays."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float32)
+                        if np.issubdtype(np.asarray(a).dtype, np.floating) else np.asarray(a),
+                        variables)

@@ -198,7 +198,7 @@ def eval_logits(model, variables, images: jax.Array, flip: bool = False) -> jax.
     logits = model.apply(variables, images, train=False)
     if not flip:
         return logits
-    mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+    mirrored = model.apply(variables, jnp.flip(images, axis=2), train=False)
     return jnp.log((jax.nn.softmax(logits.astype(jnp.float32))
                     + jax.nn.softmax(mirrored.astype(jnp.float32))) / 2)
 

@@ -1,0 +1,116 @@
+"""Export for serving: every model family's ONNX graph, run by onnxruntime, and its
+StableHLO artefact, run in a process that never imports resnet_jax, give `Run.logits`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import Run, load_config
+from resnet_jax.training import experiment
+from conftest import cheap_variables
+
+# Relative to the largest logit: a logit near zero has no meaningful relative error of its
+# own, and onnxruntime's and XLA's convolutions sum in different orders (measured: at most
+# 3e-6 of the largest logit over every registered model at batch 1 and 7).
+TOL = 1e-4
+
+# One model per family, shrunk where a family's blocks repeat (stage_sizes), at small inputs.
+FAMILIES = {
+    "resnet18": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),        # v1.5, basic blocks
+    "keras_resnet50": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),  # v1, stride on 1x1
+    "resnet50": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),        # -B (v1.5 bottleneck)
+    "resnet50c": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),       # -C, deep stem
+    "resnet26d": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),       # -D, avg-pool shortcut
+    "wide_resnet50_2": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),
+    "resnext50_32x4d": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),
+    "preact_resnet18": ("imagenette", 64, {"stage_sizes": (1, 1, 1, 1)}),  # pre-activation v2
+    "cifar_resnet20": ("cifar10", 0, {}),                                # 6n+2, option A
+    "preact_resnet164": ("cifar10", 0, {"stage_sizes": (2, 2, 2)}),      # CIFAR v2, bottleneck
+    "fashion_mnist_resnet8": ("fashion_mnist", 0, {}),                   # the main job's seed net
+    "mnist_preact_resnet": ("fashion_mnist", 0, {}),                     # the MNIST seed net
+    "alexnet": ("imagenette", 67, {"hidden": 256}),                      # LRN, two towers
+    "alexnet_owt": ("imagenette", 67, {"hidden": 256}),
+}
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np
+import jax
+exported = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))
+images = np.load(sys.argv[2])
+np.savez(sys.argv[3], **{k: np.asarray(exported.call(images[k])) for k in images.files})
+print(json.dumps({"resnet_jax": any(m.split(".")[0] == "resnet_jax" for m in sys.modules),
+                  "batch": str(exported.in_avals[0].shape[0])}))
+"""
+
+
+def randomized(variables, seed: int = 0):
+    """BatchNorm statistics and affine parameters drawn away from (0, 1), so that a folding
+    that swaps mean and variance or scale and bias shows in the logits."""
+    rng = np.random.default_rng(seed)
+    draws = {"mean": lambda s: rng.normal(0, 0.2, s), "var": lambda s: rng.uniform(0.5, 2, s),
+             "scale": lambda s: rng.uniform(0.5, 1.5, s)}
+
+    def draw(path, a):
+        key = getattr(path[-1], "key", None)
+        return (draws[key](a.shape) if key in draws else np.asarray(a)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def family_run(name: str, workdir: str, eval_flip: bool = False) -> Run:
+    """A run of `name` as `Run.load` would give it, with random weights (nothing trained),
+    evaluating with the project's CPU kernels in float32 (the export is float32 on XLA's
+    own operations; a run with bfloat16 convolutions differs from it by their rounding)."""
+    dataset, size, overrides = FAMILIES[name]
+    config = load_config("fashion_mnist", model=name, dataset=dataset, image_size=size,
+                         eval_image_size=size, model_overrides=overrides, num_classes=10,
+                         eval_flip=eval_flip, eval_batch_size=8, cpu_kernels=True,
+                         cpu_conv_dtype="float32")
+    model = experiment.build_model(config, 10)
+    shape = experiment.image_shape(config)
+    variables = randomized(cheap_variables(model, shape))
+    return Run(workdir, config, model, variables, [], 0, "latest")
+
+
+def images_for(run: Run, n: int = 7) -> np.ndarray:
+    shape = run.info.image_shape or (80, 96, 3)  # photographs larger than the crop
+    return np.random.default_rng(1).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def assert_logits_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= TOL * np.abs(want).max(), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_exports_to_onnx_and_stablehlo_with_the_runs_logits(name, tmp_path):
+    import onnxruntime
+
+    run = family_run(name, str(tmp_path / "run"), eval_flip=name == "fashion_mnist_resnet8")
+    raw = images_for(run)
+    x, want = run.preprocess(raw), run.logits(raw)
+    onnx_file = run.export(str(tmp_path / "onnx"), format="onnx")
+    session = onnxruntime.InferenceSession(onnx_file, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for b in (1, 7):
+        assert_logits_close(session.run(["logits"], {"images": x[:b]})[0], want[:b])
+
+    hlo_file = run.export(str(tmp_path / "hlo"), format="stablehlo")
+    np.savez(tmp_path / "x.npz", b1=x[:1], b7=x)
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, hlo_file, str(tmp_path / "x.npz"),
+         str(tmp_path / "y.npz")], capture_output=True, text=True, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ""}, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"resnet_jax": False, "batch": "batch"}
+    got = np.load(tmp_path / "y.npz")
+    assert_logits_close(got["b1"], want[:1])
+    assert_logits_close(got["b7"], want)
