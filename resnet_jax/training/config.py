@@ -33,6 +33,7 @@ BOUNDARY_UNITS = ("steps", "epochs")
 MODES = ("auto", "min", "max")
 SELECTION_WEIGHTS = ("auto", "either")
 EVAL_METRICS = ("loss", "accuracy", "top5_accuracy")
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +256,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "profile_steps": Field((), "(first, last): a jax.profiler trace of steps first..last "
                                    "(from 1) in WORKDIR/profile, for TensorBoard or XProf; "
                                    "(): none"),
+        "trackers": Field(("tensorboard",), "where the run reports besides metrics.jsonl: "
+                                            "any of 'tensorboard', 'wandb' (offline unless "
+                                            "$WANDB_MODE says otherwise), 'mlflow' "
+                                            "($MLFLOW_TRACKING_URI, else MLflow's default)"),
+        "tracker_project": Field("resnet_jax", "the W&B project; the MLflow experiment when "
+                                               "tracker_group is empty"),
+        "tracker_group": Field("", "the W&B group and MLflow experiment of a sweep's runs "
+                                   "(sweeps set it to the sweep's name)"),
+        "tracker_name": Field("", "the tracked run's name ('': the workdir's name)"),
         "compilation_cache": Field("auto", "jax's persistent compilation cache: 'auto' "
                                            "($JAX_COMPILATION_CACHE_DIR, else "
                                            "~/.cache/resnet_jax/jax), a directory, or '' (off)"),
@@ -328,6 +338,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if c.rand_augment_magnitude >= BINS:
         raise ValueError(f"rand_augment_magnitude={c.rand_augment_magnitude}; expected "
                          f"0..{BINS - 1}")
+    if any(t not in TRACKERS for t in c.trackers) or len(set(c.trackers)) != len(c.trackers):
+        raise ValueError(f"trackers={tuple(c.trackers)!r}; expected distinct names among "
+                         f"{TRACKERS}")
     if len(c.profile_steps) not in (0, 2) or (
             len(c.profile_steps) and not 1 <= c.profile_steps[0] <= c.profile_steps[1]):
         raise ValueError(f"profile_steps={tuple(c.profile_steps)}; expected (first, last) with "

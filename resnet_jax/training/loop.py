@@ -24,7 +24,7 @@ import numpy as np
 from resnet_jax.data import workers
 from resnet_jax.data.prefetch import prefetch
 from resnet_jax.training import (compilation_cache, config_json, experiment, guard, metrics,
-                                 preflight, selection, timing, transfer)
+                                 preflight, selection, timing, trackers, transfer)
 from resnet_jax.training import checkpoint as checkpoint_lib
 from resnet_jax.training.checkpoint import Checkpointer
 from resnet_jax.training.evaluation import evaluate_split, selected, with_plateau_scale
@@ -47,6 +47,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     entered = time.monotonic()
     guard.check_workdir(workdir)
+    trackers.check(config)  # installed and reachable, before anything is trained
     compilation_cache.configure(config.compilation_cache)
     maybe_initialize_distributed(config)
     exp = experiment.setup(config)
@@ -62,10 +63,13 @@ def _train(exp: Experiment, workdir: str, chief: bool, stop: guard.StopSignal,
         _write_config(exp.config, workdir)
     loop = _Loop(exp, workdir, chief, entered)
     try:
-        loop.run(stop)
+        try:
+            loop.run(stop)
+        finally:
+            loop.close()
+        return loop.result()
     finally:
-        loop.close()
-    return loop.result()
+        loop.trackers.close()  # after the result: the selected model and plots reach them
 
 
 class _Loop:
@@ -108,7 +112,9 @@ class _Loop:
         self.history = [r for r in metrics.read_metrics(workdir) if r["step"] <= self.start_step]
         if self.chief:
             metrics.rewrite_metrics(workdir, self.history)  # drop records past the resumed step
-        self.writer = metrics.MetricWriter(workdir, enabled=self.chief)
+        self.writer = metrics.MetricWriter(workdir, enabled=self.chief,
+                                           tensorboard="tensorboard" in config.trackers)
+        self.trackers = trackers.open_trackers(config, workdir, self.chief)
         self.decisions = (selection.Decisions.from_dict(decisions) if decisions
                           else selection.initial(config))
         self.record: dict[str, Any] = self.history[-1] if self.history else {}
@@ -182,6 +188,7 @@ class _Loop:
         if self.chief:
             metrics.append_jsonl(rundir.path(self.workdir, rundir.TRAIN_METRICS),
                                  {"step": self.step, **line, "skipped_steps": self.skipped})
+            self.trackers.log_steps(self.step, line)
 
     def _end_period(self) -> None:
         """The period's record: train means, validation (and the decisions taken on it),
@@ -202,6 +209,7 @@ class _Loop:
             record["corrupt_images"] = self.corrupt
         self.period = metrics.Mean()
         self.writer.write(record)
+        self.trackers.log_record(record)
         self.history.append(record)
         self.record = record
         if self.chief:
@@ -262,11 +270,15 @@ class _Loop:
         return self.record
 
     def _write_selected(self, chosen: dict[str, Any]) -> None:
-        metrics.write_json(rundir.path(self.workdir, rundir.SELECTED), chosen["summary"])
+        files = {"selected.json": rundir.path(self.workdir, rundir.SELECTED)}
+        metrics.write_json(files["selected.json"], chosen["summary"])
         plots = rundir.path(self.workdir, rundir.PLOTS)
-        metrics.plot_curves(self.history, os.path.join(plots, "curves.png"))
+        files.update({name: os.path.join(plots, name)
+                      for name in ("curves.png", "confusion_matrix.png")})
+        metrics.plot_curves(self.history, files["curves.png"])
         metrics.plot_confusion_matrix(chosen["confusion"], self.exp.info.class_names,
-                                      os.path.join(plots, "confusion_matrix.png"))
+                                      files["confusion_matrix.png"])
+        self.trackers.finish(self.step, chosen["summary"], files)
 
 
 def _restore_or_initialize(exp: Experiment, state, ckpt: Checkpointer, where: str,

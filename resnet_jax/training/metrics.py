@@ -111,13 +111,13 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 class MetricWriter:
     """Appends one JSON object per evaluation to metrics.jsonl and mirrors its numbers to
-    TensorBoard."""
+    TensorBoard (when `tensorboard`)."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.path = rundir.path(workdir, rundir.METRICS)
         self.enabled = enabled
         self._tb = None
-        if enabled:
+        if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(rundir.path(workdir, rundir.TENSORBOARD))
@@ -126,6 +126,8 @@ class MetricWriter:
         if not self.enabled:
             return
         append_jsonl(self.path, record)
+        if self._tb is None:
+            return
         for key, value in scalars(record).items():
             if key not in ("step", "epoch"):
                 self._tb.add_scalar(key, value, record["step"])

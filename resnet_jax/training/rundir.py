@@ -26,6 +26,7 @@ SELECTED = "selected.json"
 CHECKPOINTS = "checkpoints"
 PLOTS = "plots"
 TENSORBOARD = "tensorboard"
+TRACKERS = "trackers.json"  # the tracked runs' ids (W&B, MLflow) and the last step each got
 LOCK = ".lock"
 
 
