@@ -54,8 +54,9 @@ fi
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "tf" ]; then
   "$VENV/bin/python" -m pip install --quiet -r requirements-test.txt
 elif [ "${1:-}" = "test-no-torch" ]; then
+  # (the other files it names, by absolute path: pip reads -r beside the file that has it)
   grep -v -E '^(torch|torchvision|timm)==|^-r requirements-bench.txt' requirements-test.txt \
-    > "$VENV/requirements-test-no-torch.txt"
+    | sed "s|^-r |-r $PWD/|" > "$VENV/requirements-test-no-torch.txt"
   "$VENV/bin/python" -m pip install --quiet -r "$VENV/requirements-test-no-torch.txt"
 fi
 if [ "${1:-}" = "tf" ]; then

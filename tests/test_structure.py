@@ -68,9 +68,10 @@ ALLOWED = {
     "resnet_jax.models": set(),
     "resnet_jax.data": set(),
     "resnet_jax.ops": set(),
+    "resnet_jax.export": set(),
     "resnet_jax.convert": {"resnet_jax.models"},
     "resnet_jax.training": {"resnet_jax.models", "resnet_jax.data", "resnet_jax.convert",
-                            "resnet_jax.ops"},
+                            "resnet_jax.ops", "resnet_jax.export"},
     "resnet_jax.configs": {"resnet_jax.training"},
     "resnet_jax": {"resnet_jax.models", "resnet_jax.training", "resnet_jax.configs"},
     "resnet_jax.cli": {"resnet_jax"},
@@ -82,7 +83,7 @@ ALLOWED = {
 def _package(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "resnet_jax" and len(parts) > 1 and parts[1] in (
-            "models", "data", "ops", "convert", "training", "configs", "cli"):
+            "models", "data", "ops", "convert", "export", "training", "configs", "cli"):
         return ".".join(parts[:2])
     return parts[0]
 

@@ -18,6 +18,8 @@ import ml_collections
 from resnet_jax.sweeps import local, plan as plan_lib, report, stats
 from resnet_jax.sweeps.report import SweepResults, SweepRun, load_runs
 from resnet_jax.configs import load_config
+from resnet_jax.training import trackers
+from resnet_jax.training.config import with_overrides
 
 
 @dataclasses.dataclass
@@ -27,6 +29,15 @@ class SweepOutcome:
     results: SweepResults
     outcome: local.Outcome
     script: str = ""
+
+
+def _grouped(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config with the sweep's name as `tracker_group` where it reports to W&B or MLflow
+    and names no group: the runs of one sweep side by side in the tracker's UI."""
+    if config.tracker_group or not {"wandb", "mlflow"} & set(config.trackers):
+        return config
+    name = os.path.basename(os.path.abspath(workdir).rstrip(os.sep))
+    return with_overrides(config, tracker_group=name)
 
 
 def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
@@ -41,7 +52,9 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
                         ("devices_per_process", devices_per_process)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+    config = _grouped(config, workdir)
     plan = plan_lib.make_plan(config, grid, seeds)  # every value checked before any run
+    trackers.check(config)  # installed and reachable, before the first run starts
     if not slurm:
         local.shares(jobs)
     plan_lib.write_plan(workdir, plan)

@@ -109,6 +109,8 @@ def parse_value(field: str, text: str) -> Any:
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
+        if default and isinstance(default, tuple) and all(isinstance(d, str) for d in default):
+            return tuple(name for name in split_values(text) if name)  # trackers=a,b
         raise ValueError(f"{field}={text!r} is not a value of type {type(default).__name__} "
                          f"like the default {default!r}") from None
     return ml_collections.ConfigDict(value) if isinstance(value, dict) else value

@@ -103,6 +103,10 @@ def apply_overrides(config: ml_collections.ConfigDict, given: Iterable[str]
         else:
             lines.append(f"num_steps={config.num_steps} given: the run is {config.num_steps} "
                          f"steps; {where} {other} is not used")
+    if "trackers" in given:  # --config.trackers=tensorboard,mlflow: one string, two names
+        config = with_overrides(config, trackers=tuple(
+            name.strip() for item in config.trackers for name in str(item).split(",")
+            if name.strip()))
     unused = unused_fields(config)
     for name in sorted(set(given) & set(unused)):
         raise ValueError(f"{name}={config[name]!r} is given but has no effect: "

@@ -211,11 +211,11 @@ class Run:
         dtype the run trained with, BatchNorm folded in, no dropout; beside it
         preprocessing.json (mean, std, crop, layout, the input and output tensors, the
         class names) and class_names.txt."""
-        from resnet_jax import export as serving
+        from resnet_jax.export import check_format, write_serving
 
-        serving.check_format(format)
+        check_format(format)
         if format != "pytorch":
-            return serving.write_serving(path, format, self._serving_logits(),
+            return write_serving(path, format, self._serving_logits(),
                                          _float32(self.variables), self.image_shape,
                                          self._serving_description(), self.class_names)
         from safetensors.numpy import save_file

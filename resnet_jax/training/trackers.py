@@ -19,7 +19,7 @@ same losses: resuming is exact) is not sent twice. Sweeps group their runs
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import logging
 import os
@@ -51,11 +51,13 @@ def check(config: ml_collections.ConfigDict) -> None:
     for name in config.trackers:
         if name == "tensorboard":
             continue
-        if importlib.util.find_spec(name) is None:
+        try:
+            importlib.import_module(name)
+        except ImportError:
             raise TrackerError(
                 f"trackers={tuple(config.trackers)!r}: {name} is not installed; "
                 f"pip install -r {REQUIREMENTS} (or pip install 'resnet_jax[tracking]'), "
-                f"or leave {name!r} out of trackers")
+                f"or leave {name!r} out of trackers") from None
         if name == "mlflow":
             _check_mlflow(config)
 

@@ -1,0 +1,278 @@
+"""Experiment trackers against the real libraries: MLflow on a sqlite store read back with
+MLflow's client, W&B offline files read back with wandb's own reader, a killed and resumed
+run, sweeps grouped, and the one-line errors of a tracker missing or unreachable."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_reliability import cli_args, complete_steps, logged_step, small_config, wait_for_step
+
+from resnet_jax.training import trackers
+from resnet_jax.training.config import with_overrides
+
+
+def read_jsonl(path: str) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def train_command(c, workdir: str, *extra: str) -> list[str]:
+    return cli_args(c, workdir) + [f"--config.trackers={','.join(c.trackers)}", *extra]
+
+
+def tracked_env(tmp_path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=ROOT,
+                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One short run through the train command reporting to TensorBoard, MLflow (a sqlite
+    store) and W&B (offline), with a validation split so that a model is selected on it."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    c = with_overrides(small_config(num_epochs=2, log_every_steps=3),
+                       trackers=("tensorboard", "mlflow", "wandb"))
+    workdir = str(tmp / "run")
+    out = subprocess.run(train_command(c, workdir), cwd=tmp, env=tracked_env(tmp),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return workdir, f"sqlite:///{tmp}/mlflow.db", out.stderr
+
+
+def mlflow_run(workdir: str, uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run_id = json.load(open(os.path.join(workdir, "trackers.json")))["mlflow"]["run_id"]
+    return client, client.get_run(run_id)
+
+
+def test_a_run_reports_to_mlflow_and_wandb_what_its_own_files_hold(tracked):
+    """One test for both trackers of the shared run (xdist would build it once per worker
+    for two tests)."""
+    check_mlflow(*tracked[:2])
+    check_wandb(tracked[0])
+
+
+def check_mlflow(workdir: str, uri: str) -> None:
+    """MLflow's history (its own client) is metrics.jsonl value for value, and every line
+    of train_metrics.jsonl under steps/; the config as parameters; figures and plots."""
+    client, run = mlflow_run(workdir, uri)
+    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    keys = {k for r in records for k, v in r.items() if k != "step"
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {"train_loss", "test_accuracy", "train_data_wait", "images_per_second"} <= keys
+    for key in sorted(keys):
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        want = [(r["step"], float(r[key])) for r in records if key in r]
+        assert sorted(history) == want, key
+    lines = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    for key in ("loss", "data_wait", "images_per_second"):
+        history = client.get_metric_history(run.info.run_id, f"steps/{key}")
+        assert sorted((m.step, m.value) for m in history) == [(l["step"], l[key]) for l in lines]
+    # the whole config once, as parameters; the selected model's figures; the plots
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    params = run.data.params
+    assert params["model"] == config["model"] and params["seed"] == json.dumps(config["seed"])
+    assert json.loads(params["learning_rate"]) == config["learning_rate"]
+    selected = json.load(open(os.path.join(workdir, "selected.json")))
+    assert run.data.metrics["selected/test_accuracy"] == selected["test_accuracy"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "selected.json" in artifacts
+    assert plots == {"plots/curves.png", "plots/confusion_matrix.png"}
+
+
+def read_wandb_offline(workdir: str) -> tuple[dict, dict, list[dict]]:
+    """(the run record, the config, the history rows) of the run's offline .wandb files, read
+    with wandb's own record reader and protocol buffers."""
+    from wandb.proto import wandb_internal_pb2
+    from wandb.sdk.internal.datastore import DataStore
+
+    run, config, rows = {}, {}, []
+    for path in sorted(glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "*.wandb"))):
+        store = DataStore()
+        store.open_for_scan(path)
+        while (data := store.scan_record()) is not None:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data[1])
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run = {"id": record.run.run_id, "project": record.run.project,
+                       "group": record.run.run_group, "name": record.run.display_name}
+                config.update({i.key: json.loads(i.value_json)
+                               for i in record.run.config.update})
+            elif kind == "config":
+                config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif kind == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                             for i in record.history.item})
+    return run, config, rows
+
+
+def check_wandb(workdir: str) -> None:
+    """The offline files, read by wandb's reader, hold the config and the metrics."""
+    run, config, rows = read_wandb_offline(workdir)
+    saved = json.load(open(os.path.join(workdir, "trackers.json")))["wandb"]
+    assert run == {"id": saved["id"], "project": "resnet_jax", "group": "", "name": "run"}
+    wanted = json.load(open(os.path.join(workdir, "config.json")))
+    assert {k: config[k] for k in ("model", "seed", "learning_rate", "batch_size")} == \
+        {k: wanted[k] for k in ("model", "seed", "learning_rate", "batch_size")}
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(row["_step"], {}).update(row)
+    for record in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+        logged = by_step[record["step"]]
+        for key in ("train_loss", "test_accuracy", "train_data_wait", "images_per_second"):
+            assert logged[key] == pytest.approx(record[key], rel=1e-12), key
+    for line in read_jsonl(os.path.join(workdir, "train_metrics.jsonl")):
+        assert by_step[line["step"]]["steps/loss"] == pytest.approx(line["loss"], rel=1e-12)
+    last = by_step[max(by_step)]
+    assert {"plots/curves/_type", "plots/confusion_matrix/_type"} <= set(last)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumed_is_one_mlflow_run_with_each_step_once(tmp_path):
+    c = with_overrides(small_config(), trackers=("mlflow",))
+    workdir, env = str(tmp_path / "killed"), tracked_env(tmp_path)
+    proc = subprocess.Popen(train_command(c, workdir), cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_step(proc, workdir, 2)
+        while not complete_steps(workdir):
+            assert proc.poll() is None
+            time.sleep(0.02)
+        wait_for_step(proc, workdir, logged_step(workdir) + 3)  # past the checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = logged_step(workdir)
+    first_id = json.load(open(os.path.join(workdir, "trackers.json")))["mlflow"]["run_id"]
+    out = subprocess.run(train_command(c, workdir), cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step" in out.stderr
+    client, run = mlflow_run(workdir, env["MLFLOW_TRACKING_URI"])
+    assert run.info.run_id == first_id and run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    lines = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    for key, steps in (("test_accuracy", [r["step"] for r in records]),
+                       ("steps/loss", sorted({l["step"] for l in lines}))):
+        history = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(history) == steps, (key, killed_at, history)  # each step once
+    assert steps[-1] == 24 and killed_at < 24
+
+
+def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_training(tmp_path):
+    c = with_overrides(small_config(), trackers=("tensorboard", "wandb"))
+    workdir = str(tmp_path / "run")
+    code = ("import sys; sys.modules['wandb'] = None; sys.argv[0] = 'train'; "
+            "from resnet_jax.cli.train import main; main(sys.argv[1:])")
+    out = subprocess.run([sys.executable, "-c", code, *train_command(c, workdir)[3:]],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert errors == [
+        "error: trackers=('tensorboard', 'wandb'): wandb is not installed; pip install -r "
+        "requirements-tracking.txt (or pip install 'resnet_jax[tracking]'), or leave 'wandb' "
+        "out of trackers"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_an_unreachable_mlflow_server_is_a_one_line_error_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = with_overrides(small_config(), trackers=("mlflow",))
+    workdir = str(tmp_path / "run")
+    started = time.monotonic()
+    out = subprocess.run(train_command(c, workdir), cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT,
+                                  MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"))
+    assert out.returncode == 2 and time.monotonic() - started < 45
+    errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: trackers=('mlflow',): MLflow at "
+                                f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port} cannot be reached")
+    assert errors[0].endswith("or leave 'mlflow' out of trackers")
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_a_tracker_failing_mid_run_is_dropped_with_a_warning_and_the_run_completes(
+        tmp_path, monkeypatch, caplog):
+    import resnet_jax
+
+    calls = []
+
+    def failing(self, step, values):
+        calls.append(step)
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setattr(trackers._MLflow, "log", failing)
+    c = with_overrides(small_config(num_epochs=1, checkpoint_every_steps=0),
+                       trackers=("mlflow",))
+    workdir = str(tmp_path / "run")
+    record = resnet_jax.train(c, workdir)
+    assert record["step"] == 8 and len(calls) == 1  # tried once, then left out
+    assert len(read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == 1
+    assert os.path.exists(os.path.join(workdir, "selected.json"))
+    warned = [r.getMessage() for r in caplog.records if "tracker mlflow failed" in r.getMessage()]
+    assert len(warned) == 1 and "the tracking server went away" in warned[0]
+
+
+def test_bad_tracker_names_are_refused():
+    from resnet_jax.configs import load_config
+
+    with pytest.raises(ValueError, match=r"trackers=\('neptune',\); expected distinct names "
+                                         r"among \('tensorboard', 'wandb', 'mlflow'\)"):
+        load_config("fashion_mnist", trackers=("neptune",))
+
+
+def test_a_sweeps_runs_are_one_mlflow_experiment_with_their_grid_values_and_seeds(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from resnet_jax.training.config_json import run_config
+
+    workdir = str(tmp_path / "lr_sweep")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--config", "fashion_mnist", "--workdir",
+         workdir, "--grid", "learning_rate=0.05,0.1", "--seeds", "1", "--jobs", "1",
+         "--config.trackers=tensorboard,mlflow", "--config.train_subset=64",
+         "--config.eval_subset=50", "--config.batch_size=32", "--config.eval_batch_size=50",
+         "--config.num_steps=2", "--config.progress_bar=False"],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, MLFLOW_TRACKING_URI=uri),
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lr_sweep")  # the sweep's name
+    runs = client.search_runs([experiment.experiment_id])
+    names = sorted(os.listdir(os.path.join(workdir, "runs")))
+    assert len(names) == 2 and sorted(r.info.run_name for r in runs) == names
+    for run in runs:
+        config = run_config(os.path.join(workdir, "runs", run.info.run_name))
+        params = run.data.params
+        assert (float(params["learning_rate"]), int(params["seed"])) == (
+            config.learning_rate, config.seed)
+        assert run.data.tags["sweep"] == "lr_sweep" and run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")
+                ] == [2]
+    assert sorted((float(r.data.params["learning_rate"]), int(r.data.params["seed"]))
+                  for r in runs) == [(0.05, 0), (0.1, 0)]
