@@ -15,6 +15,7 @@ import pytest
 
 import resnet_jax
 from conftest import ROOT
+from test_readme import argv, command
 from resnet_jax import Run, load_config
 
 
@@ -178,7 +179,11 @@ def test_the_export_command_writes_onnx_with_preprocessing_and_class_names(train
     from resnet_jax.cli import export
 
     out = str(tmp_path / "serving")
-    assert export.main(["--workdir", trained[0], "--out", out]) == 0  # the default: onnx
+    readme = argv(command(".venv/bin/python -m experiments.export --workdir runs/fashion_mnist "
+                          "--out runs/fashion_mnist/serving"),
+                  **{"runs/fashion_mnist/serving": out, "runs/fashion_mnist": trained[0]})
+    assert "--format" not in readme  # the default: onnx
+    assert export.main(readme[3:]) == 0
     assert capsys.readouterr().out.strip() == os.path.join(out, "model.onnx")
     run = Run.load(trained[0])
     described = json.load(open(os.path.join(out, "preprocessing.json")))
@@ -198,6 +203,15 @@ def test_the_export_command_writes_onnx_with_preprocessing_and_class_names(train
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.96
     np.testing.assert_allclose(np.exp(want) / np.exp(want).sum(1, keepdims=True),
                                run.predict(raw), rtol=1e-4, atol=1e-6)
+    # the StableHLO export of the README: the same logits as the ONNX graph's
+    hlo = str(tmp_path / "stablehlo")
+    readme = argv(command(".venv/bin/python -m experiments.export --workdir runs/fashion_mnist "
+                          "--out runs/fashion_mnist/stablehlo"),
+                  **{"runs/fashion_mnist/stablehlo": hlo, "runs/fashion_mnist": trained[0]})
+    assert export.main(readme[3:]) == 0
+    exported = jax.export.deserialize(open(os.path.join(hlo, "model.stablehlo"), "rb").read())
+    hlo_logits = np.asarray(exported.call(run.preprocess(raw)))
+    assert np.abs(hlo_logits - got).max() <= 1e-4 * np.abs(got).max()
 
 
 def test_a_bad_export_format_is_a_one_line_error(trained, tmp_path, capsys):

@@ -142,7 +142,7 @@ def test_the_readme_extras_are_the_packages_with_the_pinned_jax_of_each_accelera
         "optional-dependencies"]
     named = [re.search(r'"\.\[(\w+)\]"', c)[1] for c in readme_commands()
              if c.startswith('pip install ".[')]
-    assert named == ["cuda13", "onednn", "convert"] and set(named) <= set(extras)
+    assert named == ["cuda13", "onednn", "convert", "tracking"] and set(named) <= set(extras)
     for accelerator in ("cuda12", "cuda13", "tpu"):
         (jax,) = [Requirement(r) for r in extras[accelerator]]
         path = os.path.join(ROOT, f"requirements-{accelerator}.txt")
@@ -151,3 +151,11 @@ def test_the_readme_extras_are_the_packages_with_the_pinned_jax_of_each_accelera
         assert jax.specifier.contains(next(iter(pinned[0].specifier)).version)
     cpu_pins = open(os.path.join(ROOT, "requirements.txt")).read()
     assert all(r.split(";")[0] in cpu_pins for r in extras["onednn"])
+    for extra in ("tracking", "export"):  # the same packages as the pinned files, which fit
+        path = os.path.join(ROOT, f"requirements-{extra}.txt")
+        pinned = {r.name: r for r in (Requirement(line.strip()) for line in open(path)
+                                      if line.strip() and not line.startswith("#"))}
+        wanted = [Requirement(r) for r in extras[extra]]
+        assert sorted(r.name for r in wanted) == sorted(pinned)
+        assert all(r.specifier.contains(next(iter(pinned[r.name].specifier)).version)
+                   for r in wanted)

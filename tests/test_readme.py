@@ -112,6 +112,14 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
     "--workdir runs/lr": "test_sweep: swept",
     ".venv/bin/python -m experiments.compare": "test_sweep: compare",
+    # tests/test_tracking.py and tests/test_api.py run these
+    ".venv/bin/pip install -r requirements-tracking.txt": "test_tracking: installed",
+    ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist.py "
+    "--workdir runs/tracked": "test_tracking: tracked",
+    ".venv/bin/python -m experiments.export --workdir runs/fashion_mnist --out "
+    "runs/fashion_mnist/serving": "test_api: export command",
+    ".venv/bin/python -m experiments.export --workdir runs/fashion_mnist --out "
+    "runs/fashion_mnist/stablehlo": "test_api: export command",
 }
 
 
@@ -121,7 +129,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 32
+    assert len(commands) == 37
 
 
 def test_command_is_what_ci_runs():

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from test_readme import argv, command
 from test_reliability import cli_args, complete_steps, logged_step, small_config, wait_for_step
 
 from resnet_jax.training import trackers
@@ -36,16 +37,33 @@ def tracked_env(tmp_path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """One short run through the train command reporting to TensorBoard, MLflow (a sqlite
-    store) and W&B (offline), with a validation split so that a model is selected on it."""
+    """The README's tracked run (TensorBoard, MLflow on a sqlite store, W&B offline) on the
+    process tests' tiny recipe, with a validation split so that a model is selected on it."""
     tmp = tmp_path_factory.mktemp("tracked")
-    c = with_overrides(small_config(num_epochs=2, log_every_steps=3),
-                       trackers=("tensorboard", "mlflow", "wandb"))
     workdir = str(tmp / "run")
-    out = subprocess.run(train_command(c, workdir), cwd=tmp, env=tracked_env(tmp),
-                         capture_output=True, text=True)
+    readme = argv(command(".venv/bin/python -m experiments.train --config "
+                          "experiments/configs/fashion_mnist.py --workdir runs/tracked"),
+                  **{"runs/tracked": workdir, "experiments/configs":
+                     os.path.join(ROOT, "experiments", "configs")})  # run in tmp: mlruns/ there
+    assert readme[-1] == "--config.trackers=tensorboard,mlflow,wandb"
+    tiny = cli_args(small_config(num_epochs=2, log_every_steps=3), workdir)[7:]
+    out = subprocess.run(readme + tiny, cwd=tmp, env=tracked_env(tmp), capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return workdir, f"sqlite:///{tmp}/mlflow.db", out.stderr
+
+
+def test_the_readmes_tracker_install_is_what_the_test_set_up_installs():
+    from importlib.metadata import version
+
+    assert command(".venv/bin/pip install -r requirements-tracking.txt") == \
+        ".venv/bin/pip install -r requirements-tracking.txt"
+    assert "-r requirements-tracking.txt" in open(os.path.join(ROOT, "requirements-test.txt")
+                                                  ).read().splitlines()
+    pins = [line.split("==") for line in open(os.path.join(ROOT, "requirements-tracking.txt"))
+            if "==" in line and not line.startswith("#")]
+    assert [name for name, _ in pins] == ["wandb", "mlflow"]
+    assert all(version(name) == pin.strip() for name, pin in pins)
 
 
 def mlflow_run(workdir: str, uri: str):
