@@ -25,7 +25,6 @@ import logging
 import os
 import secrets
 import time
-import urllib.error
 import urllib.request
 from typing import Any, Mapping
 
@@ -82,7 +81,7 @@ def _check_mlflow(config: ml_collections.ConfigDict) -> None:
             from mlflow.tracking import MlflowClient
 
             MlflowClient(uri).search_experiments(max_results=1)
-    except (OSError, urllib.error.URLError, Exception) as err:  # noqa: BLE001 - any cause
+    except Exception as err:  # noqa: BLE001 - whatever the cause, the same answer
         reason = getattr(err, "reason", None) or str(err).splitlines()[0][:200]
         raise TrackerError(f"trackers={tuple(config.trackers)!r}: MLflow at "
                            f"MLFLOW_TRACKING_URI={uri} cannot be reached ({reason}); {fix}"
@@ -207,12 +206,18 @@ class Trackers:
         state = _read_json(self.path)
         self.marks: dict[str, int] = state.get("last_step", {})
         self.active = []
-        ids = {}
+        ids = {k: v for k, v in state.items() if k in _KINDS}  # kept for a later start
         for name in config.trackers:
-            if name in _KINDS:
+            if name not in _KINDS:
+                continue
+            try:  # `check` passed: a failure now is the tracker's, not the run's
                 tracker = _KINDS[name](config, workdir, state.get(name, {}))
-                self.active.append(tracker)
-                ids[name] = tracker.saved
+            except Exception as err:  # noqa: BLE001
+                log.warning("tracker %s could not start (%s: %s); the run goes on without it",
+                            name, type(err).__name__, err)
+                continue
+            self.active.append(tracker)
+            ids[name] = tracker.saved
         self.ids = ids
         self.finished = False
         if self.active:
