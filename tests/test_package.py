@@ -116,7 +116,7 @@ def test_the_installed_commands_and_configs_need_no_checkout(installed, tmp_path
     python, site, venv = installed
     scripts = sorted(os.path.basename(p) for p in glob.glob(str(venv / "bin" / "resnet-jax-*")))
     assert scripts == ["resnet-jax-compare", "resnet-jax-convert", "resnet-jax-evaluate",
-                       "resnet-jax-launch", "resnet-jax-plot", "resnet-jax-summary",
+                       "resnet-jax-export", "resnet-jax-launch", "resnet-jax-plot", "resnet-jax-summary",
                        "resnet-jax-sweep", "resnet-jax-train"]
     out = subprocess.run([str(venv / "bin" / "resnet-jax-train"), "--config", "fashion_mnst",
                           "--workdir", "x"], cwd=tmp_path, env=_env(), capture_output=True,

@@ -86,6 +86,7 @@ def check_mlflow(workdir: str, uri: str) -> None:
     of train_metrics.jsonl under steps/; the config as parameters; figures and plots."""
     client, run = mlflow_run(workdir, uri)
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    assert client.get_experiment(run.info.experiment_id).name == "resnet_jax"  # the project
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     keys = {k for r in records for k, v in r.items() if k != "step"
             and isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -263,34 +264,13 @@ def test_bad_tracker_names_are_refused():
         load_config("fashion_mnist", trackers=("neptune",))
 
 
-def test_a_sweeps_runs_are_one_mlflow_experiment_with_their_grid_values_and_seeds(tmp_path):
-    from mlflow.tracking import MlflowClient
+def test_a_sweep_groups_its_runs_under_its_name(tmp_path):
+    """The W&B group and MLflow experiment of a sweep's runs (tests/test_sweep.py reads a
+    whole sweep's groups back from W&B's files)."""
+    from resnet_jax.configs import load_config
+    from resnet_jax.sweeps import _grouped
 
-    from resnet_jax.training.config_json import run_config
-
-    workdir = str(tmp_path / "lr_sweep")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.sweep", "--config", "fashion_mnist", "--workdir",
-         workdir, "--grid", "learning_rate=0.05,0.1", "--seeds", "1", "--jobs", "1",
-         "--config.trackers=tensorboard,mlflow", "--config.train_subset=64",
-         "--config.eval_subset=50", "--config.batch_size=32", "--config.eval_batch_size=50",
-         "--config.num_steps=2", "--config.progress_bar=False"],
-        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, MLFLOW_TRACKING_URI=uri),
-        capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("lr_sweep")  # the sweep's name
-    runs = client.search_runs([experiment.experiment_id])
-    names = sorted(os.listdir(os.path.join(workdir, "runs")))
-    assert len(names) == 2 and sorted(r.info.run_name for r in runs) == names
-    for run in runs:
-        config = run_config(os.path.join(workdir, "runs", run.info.run_name))
-        params = run.data.params
-        assert (float(params["learning_rate"]), int(params["seed"])) == (
-            config.learning_rate, config.seed)
-        assert run.data.tags["sweep"] == "lr_sweep" and run.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")
-                ] == [2]
-    assert sorted((float(r.data.params["learning_rate"]), int(r.data.params["seed"]))
-                  for r in runs) == [(0.05, 0), (0.1, 0)]
+    c = load_config("fashion_mnist", trackers=("mlflow",))
+    assert _grouped(c, str(tmp_path / "lr_sweep")).tracker_group == "lr_sweep"
+    assert _grouped(with_overrides(c, tracker_group="mine"), "x").tracker_group == "mine"
+    assert _grouped(load_config("fashion_mnist"), "x").tracker_group == ""  # TensorBoard only

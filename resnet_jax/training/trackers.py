@@ -154,10 +154,7 @@ class _MLflow:
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
         else:
-            experiment = config.tracker_group or config.tracker_project
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = (found.experiment_id if found is not None
-                             else self.client.create_experiment(experiment))
+            experiment_id = self._experiment(config.tracker_group or config.tracker_project)
             tags = {"workdir": os.path.abspath(workdir), "model": config.model,
                     "dataset": config.dataset}
             if config.tracker_group:
@@ -167,6 +164,22 @@ class _MLflow:
             self._log_params(run_id, flat_config(config))
         self.run_id = run_id
         self.saved = {"run_id": run_id, "tracking_uri": uri}
+
+    def _experiment(self, name: str) -> str:
+        """The id of experiment `name`, made if missing (a sweep's runs that start together
+        may both try: the one that loses finds the other's)."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
