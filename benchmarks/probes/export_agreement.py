@@ -2,6 +2,10 @@
 onnxruntime's logits and the deserialized StableHLO's are from the model's own.
 
     python -m benchmarks.probes.export_agreement [--models NAME ...] [--out FILE.json]
+    python -m benchmarks.probes.export_agreement --run RUN_DIR [--out FILE.json]
+
+With --run, a trained run instead: its selected model exported both ways, on its whole test
+split against `Run.logits` (accuracy of each, largest difference, agreement of the classes).
 
 Random weights with BatchNorm statistics and scales drawn away from (0, 1) (as
 tests/test_export.py draws them), 7 random images; ImageNet-layout models at 128x128 (64x64
@@ -87,11 +91,55 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+def measure_run(workdir: str) -> dict:
+    import onnxruntime
+
+    import resnet_jax
+
+    run = resnet_jax.Run.load(workdir)
+    split = run.load_split("test")
+    timings = {}
+    for format in ("onnx", "stablehlo"):
+        started = time.perf_counter()
+        path = run.export(os.path.join(workdir, "export", format), format=format)
+        timings[format] = (path, round(time.perf_counter() - started, 2))
+    want, x = run.logits(split.images), run.preprocess(split.images)
+    session = onnxruntime.InferenceSession(timings["onnx"][0],
+                                           providers=["CPUExecutionProvider"])
+    exported = jax.export.deserialize(open(timings["stablehlo"][0], "rb").read())
+    chunks = range(0, len(x), 500)
+    got = {"onnx": np.concatenate([session.run(["logits"], {"images": x[i:i + 500]})[0]
+                                   for i in chunks]),
+           "stablehlo": np.concatenate([np.asarray(exported.call(x[i:i + 500]))
+                                        for i in chunks])}
+    accuracy = lambda logits: float((logits.argmax(1) == split.labels).mean())  # noqa: E731
+    scale = float(np.abs(want).max())
+    return {"run": workdir, "model": run.config.model, "step": run.step,
+            "cpu_conv_dtype": run.config.cpu_conv_dtype, "images": len(x),
+            "run_test_accuracy": accuracy(want),
+            **{f"{f}_test_accuracy": accuracy(got[f]) for f in got},
+            **{f"{f}_vs_run_error": float(np.abs(got[f] - want).max() / scale) for f in got},
+            "onnx_vs_stablehlo_error": float(np.abs(got["onnx"] - got["stablehlo"]).max()
+                                             / np.abs(got["stablehlo"]).max()),
+            **{f"{f}_same_class_as_run": float((got[f].argmax(1) == want.argmax(1)).mean())
+               for f in got},
+            **{f"{f}_bytes": os.path.getsize(timings[f][0]) for f in got},
+            **{f"{f}_export_seconds": timings[f][1] for f in got}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list_models())
+    parser.add_argument("--run", default="", help="a trained run's directory")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.run:
+        result = {"machine": cpu_model(), "jax": jax.__version__, **measure_run(args.run)}
+        print(json.dumps(result, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     rows = []
     for name in args.models:
         rows.append(measure(name))
