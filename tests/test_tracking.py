@@ -161,8 +161,10 @@ def check_wandb(workdir: str) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumed_is_one_mlflow_run_with_each_step_once(tmp_path):
-    c = with_overrides(small_config(), trackers=("mlflow",))
+def test_a_killed_run_resumed_is_one_tracked_run_with_each_step_once(tmp_path):
+    """SIGKILL after a checkpoint, then the same command: one MLflow run and one W&B run
+    (offline: two starts' files under one id), each step in them once, none missing."""
+    c = with_overrides(small_config(), trackers=("mlflow", "wandb"))
     workdir, env = str(tmp_path / "killed"), tracked_env(tmp_path)
     proc = subprocess.Popen(train_command(c, workdir), cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -193,6 +195,13 @@ def test_a_killed_run_resumed_is_one_mlflow_run_with_each_step_once(tmp_path):
         history = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(history) == steps, (key, killed_at, history)  # each step once
     assert steps[-1] == 24 and killed_at < 24
+    tracked, _, rows = read_wandb_offline(workdir)
+    starts = glob.glob(os.path.join(workdir, "wandb", "offline-run-*"))
+    assert len(starts) == 2 and {p.rsplit("-", 1)[1] for p in starts} == {tracked["id"]}
+    assert sorted(r["_step"] for r in rows if "test_accuracy" in r) == [
+        r["step"] for r in records]
+    assert sorted(r["_step"] for r in rows if "steps/loss" in r) == sorted(
+        {l["step"] for l in lines})
 
 
 def test_a_tracker_that_is_not_installed_is_a_one_line_error_before_training(tmp_path):
@@ -265,8 +274,7 @@ def test_bad_tracker_names_are_refused():
 
 
 def test_a_sweep_groups_its_runs_under_its_name(tmp_path):
-    """The W&B group and MLflow experiment of a sweep's runs (tests/test_sweep.py reads a
-    whole sweep's groups back from W&B's files)."""
+    """The W&B group and MLflow experiment of a sweep's runs: the sweep's name."""
     from resnet_jax.configs import load_config
     from resnet_jax.sweeps import _grouped
 

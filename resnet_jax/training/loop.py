@@ -115,6 +115,7 @@ class _Loop:
         self.writer = metrics.MetricWriter(workdir, enabled=self.chief,
                                            tensorboard="tensorboard" in config.trackers)
         self.trackers = trackers.open_trackers(config, workdir, self.chief)
+        self.trackers.catch_up(self.history, workdir, self.start_step)
         self.decisions = (selection.Decisions.from_dict(decisions) if decisions
                           else selection.initial(config))
         self.record: dict[str, Any] = self.history[-1] if self.history else {}

@@ -109,6 +109,9 @@ def run_name(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 class _WandB:
     name = "wandb"
+    # what wandb.log hands over is written by W&B's service process, which a SIGKILL of
+    # this one can cut short: the steps count as received only once the run closed cleanly
+    durable_on_close = True
 
     def __init__(self, config, workdir: str, saved: dict[str, Any]):
         import wandb
@@ -144,6 +147,7 @@ class _WandB:
 
 class _MLflow:
     name = "mlflow"
+    durable_on_close = False  # each log_batch is stored before it returns
 
     def __init__(self, config, workdir: str, saved: dict[str, Any]):
         from mlflow.tracking import MlflowClient
@@ -217,7 +221,6 @@ class Trackers:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.path = rundir.path(workdir, rundir.TRACKERS)
         state = _read_json(self.path)
-        self.marks: dict[str, int] = state.get("last_step", {})
         self.active = []
         ids = {k: v for k, v in state.items() if k in _KINDS}  # kept for a later start
         for name in config.trackers:
@@ -230,21 +233,36 @@ class Trackers:
                             name, type(err).__name__, err)
                 continue
             self.active.append(tracker)
-            ids[name] = tracker.saved
+            ids[name] = {**tracker.saved, "last_step": state.get(name, {}).get("last_step", {})}
         self.ids = ids
+        self.sent = {t.name: dict(ids[t.name]["last_step"]) for t in self.active}
         self.finished = False
         if self.active:
             self._save()
 
+    def catch_up(self, records: list[dict[str, Any]], workdir: str, upto: int) -> None:
+        """On a resume from step `upto`: what the run's own files hold up to it (`records`
+        of metrics.jsonl, the lines of train_metrics.jsonl) and a tracker has not received,
+        sent now in step order (a W&B run killed before its service wrote them)."""
+        last = {}
+        for line in _jsonl(rundir.path(workdir, rundir.TRAIN_METRICS)):
+            if int(line["step"]) <= upto:  # a step done again after a resume: its last line
+                last[int(line["step"])] = line
+        for tracker in list(self.active):
+            for step, line in sorted(last.items()):
+                self._send_to(tracker, "steps", step, _step_values(line))
+            for record in records:
+                self._send_to(tracker, "records", int(record["step"]), _record_values(record))
+
     def log_record(self, record: Mapping[str, Any]) -> None:
         """A record of metrics.jsonl, under its own names."""
-        values = {k: v for k, v in _scalars(record).items() if k != "step"}
-        self._send("records", int(record["step"]), values)
+        for tracker in list(self.active):
+            self._send_to(tracker, "records", int(record["step"]), _record_values(record))
 
     def log_steps(self, step: int, line: Mapping[str, Any]) -> None:
         """A line of train_metrics.jsonl, under steps/."""
-        values = {STEPS_PREFIX + k: v for k, v in _scalars(line).items() if k != "step"}
-        self._send("steps", step, values)
+        for tracker in list(self.active):
+            self._send_to(tracker, "steps", step, _step_values(line))
 
     def finish(self, step: int, selected: Mapping[str, Any], files: dict[str, str]) -> None:
         """The selected model's figures (selected/...), selected.json and the plots."""
@@ -254,17 +272,27 @@ class Trackers:
 
     def close(self) -> None:
         self._each(lambda t: t.close(self.finished))
+        for tracker in self.active:  # closed cleanly: what it was sent is written
+            if tracker.durable_on_close:
+                self.ids[tracker.name]["last_step"] = dict(self.sent[tracker.name])
+        if self.active:
+            self._save()
         self.active = []
 
-    def _send(self, stream: str, step: int, values: dict[str, float]) -> None:
-        if not self.active or step <= self.marks.get(stream, 0):
-            return  # reported before a resume: the run does these steps again, identically
-        self._each(lambda t: t.log(step, values))
-        self.marks[stream] = step
-        self._save()
+    def _send_to(self, tracker, stream: str, step: int, values: dict[str, float]) -> None:
+        """`values` at `step` to one tracker, unless it received that step before (a resumed
+        run does the steps after its checkpoint again, with the same losses)."""
+        sent = self.sent[tracker.name]
+        if tracker not in self.active or step <= sent.get(stream, 0):
+            return
+        self._each(lambda t: t.log(step, values), only=tracker)
+        sent[stream] = step
+        if not tracker.durable_on_close:
+            self.ids[tracker.name]["last_step"] = dict(sent)
+            self._save()
 
-    def _each(self, call) -> None:
-        for tracker in list(self.active):
+    def _each(self, call, only=None) -> None:
+        for tracker in [only] if only is not None else list(self.active):
             try:
                 call(tracker)
             except Exception as err:  # noqa: BLE001 - a tracker must not end the training
@@ -275,12 +303,15 @@ class Trackers:
     def _save(self) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({**self.ids, "last_step": self.marks}, f, indent=2)
+            json.dump(self.ids, f, indent=2)
         os.replace(tmp, self.path)
 
 
 class NoTrackers:
     """What processes other than 0 (and runs without W&B or MLflow) report to: nothing."""
+
+    def catch_up(self, records, workdir, upto) -> None:
+        pass
 
     def log_record(self, record) -> None:
         pass
@@ -301,8 +332,30 @@ def open_trackers(config: ml_collections.ConfigDict, workdir: str, chief: bool):
     return Trackers(config, workdir)
 
 
+def _record_values(record: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in _scalars(record).items() if k != "step"}
+
+
+def _step_values(line: Mapping[str, Any]) -> dict[str, float]:
+    return {STEPS_PREFIX + k: v for k, v in _scalars(line).items() if k != "step"}
+
+
 def _scalars(record: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.scalars(record).items()}
+
+
+def _jsonl(path: str) -> list[dict[str, Any]]:
+    """The whole lines of a JSON-lines file (a line a kill cut short is left out)."""
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
 
 
 def _read_json(path: str) -> dict[str, Any]:
