@@ -155,8 +155,16 @@ class _MLflow:
         uri = saved.get("tracking_uri") or mlflow_uri()
         self.client = MlflowClient(uri)
         run_id = saved.get("run_id")
+        self.received: dict[str, int] | None = None
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
+            # what MLflow holds, asked rather than remembered: a kill may fall between its
+            # storing a batch and trackers.json recording it
+            self.received = {stream: max([m.step for m in
+                                          self.client.get_metric_history(run_id, key)],
+                                         default=0)
+                             for stream, key in (("records", "epoch"),
+                                                 ("steps", STEPS_PREFIX + "loss"))}
         else:
             experiment_id = self._experiment(config.tracker_group or config.tracker_project)
             tags = {"workdir": os.path.abspath(workdir), "model": config.model,
@@ -235,7 +243,8 @@ class Trackers:
             self.active.append(tracker)
             ids[name] = {**tracker.saved, "last_step": state.get(name, {}).get("last_step", {})}
         self.ids = ids
-        self.sent = {t.name: dict(ids[t.name]["last_step"]) for t in self.active}
+        self.sent = {t.name: dict(getattr(t, "received", None) or ids[t.name]["last_step"])
+                     for t in self.active}
         self.finished = False
         if self.active:
             self._save()
