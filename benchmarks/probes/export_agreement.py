@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.accelerator import _cpu_name
 from resnet_jax.export.to_onnx import to_onnx
 from resnet_jax.export.to_stablehlo import to_stablehlo
 from resnet_jax.models import get_model, get_spec, list_models
@@ -79,54 +79,6 @@ def measure(name: str) -> dict:
     return row
 
 
-def cpu_model() -> str:
-    """The CPU's model name as lscpu gives it (/proc/cpuinfo), else the platform's."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def measure_run(workdir: str) -> dict:
-    import onnxruntime
-
-    import resnet_jax
-
-    run = resnet_jax.Run.load(workdir)
-    split = run.load_split("test")
-    timings = {}
-    for format in ("onnx", "stablehlo"):
-        started = time.perf_counter()
-        path = run.export(os.path.join(workdir, "export", format), format=format)
-        timings[format] = (path, round(time.perf_counter() - started, 2))
-    want, x = run.logits(split.images), run.preprocess(split.images)
-    session = onnxruntime.InferenceSession(timings["onnx"][0],
-                                           providers=["CPUExecutionProvider"])
-    exported = jax.export.deserialize(open(timings["stablehlo"][0], "rb").read())
-    chunks = range(0, len(x), 500)
-    got = {"onnx": np.concatenate([session.run(["logits"], {"images": x[i:i + 500]})[0]
-                                   for i in chunks]),
-           "stablehlo": np.concatenate([np.asarray(exported.call(x[i:i + 500]))
-                                        for i in chunks])}
-    accuracy = lambda logits: float((logits.argmax(1) == split.labels).mean())  # noqa: E731
-    scale = float(np.abs(want).max())
-    return {"run": workdir, "model": run.config.model, "step": run.step,
-            "cpu_conv_dtype": run.config.cpu_conv_dtype, "images": len(x),
-            "run_test_accuracy": accuracy(want),
-            **{f"{f}_test_accuracy": accuracy(got[f]) for f in got},
-            **{f"{f}_vs_run_error": float(np.abs(got[f] - want).max() / scale) for f in got},
-            "onnx_vs_stablehlo_error": float(np.abs(got["onnx"] - got["stablehlo"]).max()
-                                             / np.abs(got["stablehlo"]).max()),
-            **{f"{f}_same_class_as_run": float((got[f].argmax(1) == want.argmax(1)).mean())
-               for f in got},
-            **{f"{f}_bytes": os.path.getsize(timings[f][0]) for f in got},
-            **{f"{f}_export_seconds": timings[f][1] for f in got}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list_models())
@@ -134,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     if args.run:
-        result = {"machine": cpu_model(), "jax": jax.__version__, **measure_run(args.run)}
+        result = {"machine": _cpu_name(), "jax": jax.__version__, **measure_run(args.run)}
         print(json.dumps(result, indent=2))
         if args.out:
             with open(args.out, "w") as f:
@@ -145,7 +97,7 @@ def main() -> None:
         rows.append(measure(name))
         print(json.dumps(rows[-1]), flush=True)
     worst = max(max(r[k] for k in r if "_error_" in k) for r in rows)
-    result = {"machine": cpu_model(), "jax": jax.__version__,
+    result = {"machine": _cpu_name(), "jax": jax.__version__,
               "worst_error": worst, "rows": rows}
     print(f"worst error over {len(rows)} models: {worst:.2e}")
     if args.out:
