@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks.probes.export_agreement import randomized
 from resnet_jax import Run, load_config
 from resnet_jax.training import experiment
 from conftest import cheap_variables
@@ -53,20 +54,6 @@ print(json.dumps({"resnet_jax": any(m.split(".")[0] == "resnet_jax" for m in sys
 """
 
 
-def randomized(variables, seed: int = 0):
-    """BatchNorm statistics and affine parameters drawn away from (0, 1), so that a folding
-    that swaps mean and variance or scale and bias shows in the logits."""
-    rng = np.random.default_rng(seed)
-    draws = {"mean": lambda s: rng.normal(0, 0.2, s), "var": lambda s: rng.uniform(0.5, 2, s),
-             "scale": lambda s: rng.uniform(0.5, 1.5, s)}
-
-    def draw(path, a):
-        key = getattr(path[-1], "key", None)
-        return (draws[key](a.shape) if key in draws else np.asarray(a)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, variables)
-
-
 def family_run(name: str, workdir: str, eval_flip: bool = False) -> Run:
     """A run of `name` as `Run.load` would give it, with random weights (nothing trained),
     evaluating with the project's CPU kernels in float32 (the export is float32 on XLA's
@@ -78,7 +65,7 @@ def family_run(name: str, workdir: str, eval_flip: bool = False) -> Run:
                          cpu_conv_dtype="float32")
     model = experiment.build_model(config, 10)
     shape = experiment.image_shape(config)
-    variables = randomized(cheap_variables(model, shape))
+    variables = randomized(cheap_variables(model, shape), seed=0)
     return Run(workdir, config, model, variables, [], 0, "latest")
 
 

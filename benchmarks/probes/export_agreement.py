@@ -42,6 +42,8 @@ def input_shape(name: str) -> tuple[int, int, int]:
 
 
 def randomized(variables, seed: int = 1):
+    """BatchNorm statistics and affine parameters drawn away from (0, 1), so that a folding
+    that swaps mean and variance or scale and bias shows in the logits (the tests' too)."""
     rng = np.random.default_rng(seed)
     draws = {"mean": lambda s: rng.normal(0, 0.2, s), "var": lambda s: rng.uniform(0.5, 2, s),
              "scale": lambda s: rng.uniform(0.5, 1.5, s)}
