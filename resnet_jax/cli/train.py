@@ -24,6 +24,7 @@ from resnet_jax import configs
 from resnet_jax.training import config as config_lib
 from resnet_jax.training import experiment, rundir
 from resnet_jax.training.loop import train_and_evaluate
+from resnet_jax.training.population import train_population_config
 from resnet_jax.training.overrides import apply_overrides
 
 flags.DEFINE_string("workdir", None, "run directory: config, metrics, checkpoints, plots")
@@ -62,10 +63,20 @@ def _train(given: list[str]) -> None:
         for line in lines:
             logging.info("%s", line)
         experiment.apply_process_settings(config)  # before JAX starts
-        record = train_and_evaluate(config, flags.FLAGS.workdir)
+        if config.population_size:
+            records = train_population_config(config, flags.FLAGS.workdir)
+        else:
+            records = [train_and_evaluate(config, flags.FLAGS.workdir)]
     except rundir.FAILURES as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(rundir.exit_status(err))
+    for k, record in enumerate(records):
+        if config.population_size:
+            print(f"seed={config.seed + k}:", end=" ")
+        _report(record)
+
+
+def _report(record: dict) -> None:
     if record.get("stopped"):
         print(f"stopped at step {record['step']} ({record['stopped']}); checkpoint saved")
     elif record:

@@ -242,6 +242,22 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "run": {
         "seed": Field(0, "initialisation, data order, augmentation and dropout"),
+        "data_seed": Field(-1, "the data's own seed: training order, augmentation draws, "
+                               "held-out validation examples and subsets (-1: seed)"),
+        "population_size": Field(0, ">=1: train this many members in one step (seeds seed, "
+                                    "seed + 1, ...), each an ordinary run in WORKDIR/seed=S "
+                                    "(resnet_jax.training.population); 0: one run",
+                                 bounds=">= 0"),
+        "population_map": Field("auto", "how a population's step runs its members: 'vmap' "
+                                        "(one batched program: wide kernels for accelerators), "
+                                        "'unroll' (each member's own step side by side in one "
+                                        "program: the single run's kernels, bit for bit); "
+                                        "'auto': unroll on the CPU, vmap elsewhere",
+                                ("auto", "vmap", "unroll")),
+        "population_data": Field("own", "a population's data: 'own' (each member its own "
+                                        "order, as separate runs) or 'shared' (every member "
+                                        "the first one's data_seed: only initialisation, "
+                                        "dropout and mixing draws differ)", ("own", "shared")),
         "eval_batch_size": Field(500, "global evaluation batch (rounded up to a multiple of "
                                       "the device count on several devices)", bounds="> 0"),
         "eval_every_epochs": Field(1, "evaluate (and checkpoint) every N epochs", bounds=">= 1"),

@@ -46,6 +46,12 @@ class Experiment:
     durations: Durations
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the run's data: training order, the pipeline's augmentation draws, the
+    held-out validation examples and subsets (`data_seed`, else `seed`)."""
+    return config.data_seed if config.data_seed >= 0 else config.seed
+
+
 def cpu_kernels(config: ml_collections.ConfigDict) -> bool:
     """Whether the config's switch turns on resnet_jax.ops.cpu (CPU backend only)."""
     return config.cpu_kernels and jax.default_backend() == "cpu"
@@ -123,7 +129,8 @@ def check_input_shape(model, name: str, shape: tuple[int, ...]) -> None:
 def info_of(config: ml_collections.ConfigDict) -> DatasetInfo:
     """The config's dataset description (an image folder's classes from its scan), with the
     config's input normalisation where it sets one."""
-    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction,
+                        data_seed(config))
     if config.input_mean:
         info = dataclasses.replace(info, mean=tuple(config.input_mean),
                                    std=tuple(config.input_std))
@@ -153,7 +160,8 @@ def resolve_input(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
             and config.interpolation:
         return config
     recorded = transfer.recorded_preprocessing(config.init_from) if config.init_from else None
-    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction, config.seed)
+    info = dataset_info(config.dataset, config.data_dir, config.holdout_fraction,
+                        data_seed(config))
     source = recorded or {"mean": info.mean, "std": info.std,
                           "channel_order": info.channel_order}
     mean = tuple(config.input_mean) or tuple(float(v) for v in source["mean"])
@@ -174,8 +182,9 @@ def resolve_image_size(config: ml_collections.ConfigDict) -> ml_collections.Conf
         return config
     if config.dataset != "image_folder" or not config.data_dir:
         return with_overrides(config, image_size=image_sizes.PHOTO_SIZE)
-    train = load_image_folder(config.data_dir, "train", config.holdout_fraction, config.seed)
-    found = image_sizes.sample_sizes(train.paths, config.seed)
+    train = load_image_folder(config.data_dir, "train", config.holdout_fraction,
+                              data_seed(config))
+    found = image_sizes.sample_sizes(train.paths, data_seed(config))
     seen = (f"{config.data_dir}: {found.describe()} in the headers of {found.sampled:,} of "
             f"{found.total:,} training images")
     side = found.native
@@ -229,7 +238,8 @@ def split_names(config: ml_collections.ConfigDict) -> dict[str, str]:
     names = {"train": "train"}
     if config.validation_split:
         names["train"] = f"train less the held-out {config.validation_split:g}"
-        names["validation"] = f"{config.validation_split:g} of train held out (seed {config.seed})"
+        names["validation"] = (f"{config.validation_split:g} of train held out (seed "
+                              f"{data_seed(config)})")
     elif config.validation_dataset_split:
         names["validation"] = config.validation_dataset_split
     names["test"] = config.eval_split
@@ -251,12 +261,12 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
                          f"({config.eval_split!r})")
     if split in ("train", "validation") and config.validation_split:
         train = _load(config, "train")
-        rest, held = holdout(train, config.validation_split, config.seed, salt=11)
+        rest, held = holdout(train, config.validation_split, data_seed(config), salt=11)
         source = rest if split == "train" else held
     else:
         name = {"validation": config.validation_dataset_split, "test": config.eval_split}
         source = _load(config, name.get(split) or split)
-    source = subset(source, n, config.seed)
+    source = subset(source, n, data_seed(config))
     shape = image_shape(config)
     if isinstance(source, ArraySource):
         channels = source.images.shape[-1]
@@ -268,7 +278,7 @@ def load_split(config: ml_collections.ConfigDict, split: str, n: int = 0):
 
 def _load(config: ml_collections.ConfigDict, split: str):
     return load_source(config.dataset, split, config.data_dir or None, config.data_source,
-                       config.holdout_fraction, config.seed)
+                       config.holdout_fraction, data_seed(config))
 
 
 def setup(config: ml_collections.ConfigDict, load_train: bool = True) -> Experiment:
@@ -310,7 +320,7 @@ def train_input(exp: Experiment) -> pipeline.TrainInput:
     """The training pipeline's options from the run's config, for this process."""
     c = exp.config
     return pipeline.TrainInput(
-        c.batch_size, c.seed, augment=c.augment or None, image_size=c.image_size or None,
+        c.batch_size, data_seed(c), augment=c.augment or None, image_size=c.image_size or None,
         process_index=jax.process_index(), process_count=jax.process_count(),
         workers=c.data_workers, skip_corrupt=c.skip_corrupt_images,
         channels=exp.image_shape[-1], end_step=exp.durations.total_steps,
@@ -353,19 +363,21 @@ def build_strategy(exp: Experiment) -> Strategy:
 def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedule) -> Strategy:
     """The engine's train and eval steps for `model` and optimizer `tx`, mapped by the
     config's strategy and compiled with its options."""
-    loss = get_loss(c.loss, c.label_smoothing, c.bce_target_threshold)
-    preprocess = device_input(c)
     return make_strategy(
-        c.parallel,
-        lambda axis: steps.make_train_step(model, tx, schedule, loss, axis,
-                                           c.skip_nonfinite_steps, c.freeze == "backbone",
-                                           c.grad_accumulation_steps,
-                                           (c.mixup_alpha, c.cutmix_alpha),
-                                           (c.ema_decay, c.ema_warmup), preprocess),
+        c.parallel, lambda axis: train_step(c, model, tx, schedule, axis),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis,
                                           c.eval_flip, device_input(c, train=False)),
         c.batch_size, eval_batch_size(c), jit_options(c), _state_specs(c))
+
+
+def train_step(c: ml_collections.ConfigDict, model, tx, schedule, axis: str | None):
+    """The engine's per-device train step for the config (unmapped)."""
+    return steps.make_train_step(model, tx, schedule,
+                                 get_loss(c.loss, c.label_smoothing, c.bce_target_threshold),
+                                 axis, c.skip_nonfinite_steps, c.freeze == "backbone",
+                                 c.grad_accumulation_steps, (c.mixup_alpha, c.cutmix_alpha),
+                                 (c.ema_decay, c.ema_warmup), device_input(c))
 
 
 def device_input(config: ml_collections.ConfigDict, train: bool = True) -> DeviceInput:
@@ -394,6 +406,9 @@ def _state_specs(c: ml_collections.ConfigDict):
 def run_identity(exp: Experiment) -> dict[str, Any]:
     """The fields a checkpoint must share with the run that resumes it."""
     c = exp.config
-    return {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
-            "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
-            "seed": int(c.seed)}
+    identity = {"model": c.model, "num_classes": int(exp.num_classes), "dataset": c.dataset,
+                "image_shape": list(exp.image_shape), "batch_size": int(c.batch_size),
+                "seed": int(c.seed)}
+    if c.data_seed >= 0:  # absent from checkpoints of runs before the field
+        identity["data_seed"] = int(c.data_seed)
+    return identity

@@ -96,11 +96,12 @@ class _Loop:
         self._open_data(saved.get("pipeline"))
         self._open_records(saved.get("decisions"), entered)
 
-    def _open_data(self, position: dict | None) -> None:
-        """The training batches from the resumed step, put on the devices ahead of use."""
+    def _open_data(self, position: dict | None, put=None) -> None:
+        """The training batches from the resumed step, put on the devices ahead of use (by
+        `put`, else the strategy)."""
         self.data = experiment.train_data(self.exp, self.start_step, position)
         self.data_state = self.data.get_state()  # the position after the last step's batch
-        put = self.strategy.put_train_batch
+        put = put or self.strategy.put_train_batch
         self.batches = prefetch(self.data, lambda b: (
             put({"image": b["image"], "label": b["label"]}), int(np.sum(b.get("corrupt", 0)))),
             state=self.data.get_state)
@@ -168,7 +169,7 @@ class _Loop:
         """Fetch the pending metrics; stop on a non-finite step (or skip it); log the rest."""
         if not self.pending:
             return
-        fetched = [jax.tree.map(fetch, self.strategy.first(m)) for m in self.pending]
+        fetched = self._fetch_pending()
         self.pending.clear()
         window = metrics.Mean()
         for k, values in enumerate(fetched, start=self.step - len(fetched) + 1):
@@ -190,6 +191,10 @@ class _Loop:
             metrics.append_jsonl(rundir.path(self.workdir, rundir.TRAIN_METRICS),
                                  {"step": self.step, **line, "skipped_steps": self.skipped})
             self.trackers.log_steps(self.step, line)
+
+    def _fetch_pending(self) -> list[dict[str, Any]]:
+        """The pending step metrics on the host, oldest first."""
+        return [jax.tree.map(fetch, self.strategy.first(m)) for m in self.pending]
 
     def _end_period(self) -> None:
         """The period's record: train means, validation (and the decisions taken on it),

@@ -196,3 +196,36 @@ def check(exp, strategy, state, rng) -> Plan:
 def _copies(strategy) -> int:
     """Copies of each parameter the placed state holds (pmap stacks one per local device)."""
     return jax.local_device_count() if strategy.name == "pmap" else 1
+
+
+def check_population(exp, strategy, states, rngs, members: int, eval_strategy, eval_state
+                     ) -> Plan:
+    """`check` for a population of `members` (exp: the first member's): the population's
+    train step on a batch per member, and one member's eval step while every member's state
+    is held; MemoryBudgetError names the population's size when that does not fit."""
+    c = exp.config
+    shape = batch_images_shape(exp, c.batch_size, True)
+    batch = {"image": np.zeros((shape[0], members, *shape[1:]), np.uint8),
+             "label": np.zeros((shape[0], members), np.int32)}
+    train = _peak(strategy.train_step.lower(states, strategy.put_train_batch(batch),
+                                            rngs).compile())
+    held = sum(int(x.nbytes) for x in jax.tree.leaves(states)) // _copies(strategy)
+    evaluation = _batch(batch_images_shape(exp, experiment.eval_batch_size(c), False), True)
+    evaluated = _peak(eval_strategy.eval_step.lower(
+        eval_state, eval_strategy.put_eval_batch(evaluation)).compile())
+    need = max(train, evaluated + held) if train and evaluated else 0
+    limit, where = device_limit()
+    if need and where == "host":
+        need = (need * jax.local_device_count()
+                + PREFETCHED * members * int(np.prod(shape)) * max(1, c.data_workers))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eval_state.params))
+    plan = Plan(shape, params // _copies(eval_strategy), forward_flops(exp), need, limit, where)
+    if need and limit and need > HEADROOM * limit:
+        machine = "this machine" if where == "host" else where
+        raise MemoryBudgetError(
+            f"a population of {members} members needs {need / GIB:.1f} GiB for its training "
+            f"step (XLA's memory analysis: {members} states and {members} batches of "
+            f"{c.batch_size}) but {machine} has {limit / GIB:.1f} GiB available: train fewer "
+            f"members at once (population_size, or sweep --population), or lower batch_size")
+    log.info("%s, a population of %d: %s", c.model, members, plan.line())
+    return plan
