@@ -2,13 +2,15 @@
 
     python -m experiments.sweep --config experiments/configs/fashion_mnist.py --workdir DIR \
         --grid learning_rate=0.1,0.2 --grid label_smoothing=0,0.1 --seeds 3 [--jobs J] \
-        [--slurm [--slurm-option=--gres=gpu:1 ...]] [--config.FIELD=VALUE ...]
+        [--population N] [--slurm [--slurm-option=--gres=gpu:1 ...]] [--config.FIELD=VALUE ...]
 
 Runs go to DIR/runs/FIELD=VALUE,...,seed=S (each an ordinary train command run; `Run.load`
 reads it), their output to DIR/logs/, the summary to DIR/summary.json, DIR/summary.md and
 DIR/plots/. Running the same command again skips the finished runs and resumes the others
 (nothing left: it only rewrites the summary). --jobs J runs J at a time, each on 1/J of the
-GPUs, or of the CPU cores. --slurm writes DIR/sweep.sbatch, a job array of one task per run,
+GPUs, or of the CPU cores. --population N packs the runs that may train together into
+populations of at most N members, each trained in one step (`training.population`), each
+run still an ordinary run. --slurm writes DIR/sweep.sbatch, a job array of one task per run,
 and prints the command that submits it; --summarize trains nothing and writes the summary
 of the runs as they stand. Exit status 0: every run finished (or was stopped
 by SIGTERM/Ctrl-C and will resume); 1: a run failed (the others went on); 2: bad input,
@@ -50,6 +52,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                         help=">1: each run as a launch (resnet-jax-launch) of this many processes")
     parser.add_argument("--devices-per-process", type=int, default=1,
                         help="with --processes-per-run: CPU devices each process forces")
+    parser.add_argument("--population", type=int, default=0, metavar="N",
+                        help="train the runs that may train together (grid points of "
+                             "per-member fields x seeds) as populations of at most N members, "
+                             "each in one step in one process")
     parser.add_argument("--summarize", action="store_true",
                         help="train nothing: write the summary of the runs as they stand "
                              "(e.g. while a SLURM array runs them)")
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         done = run_sweep(config, args.workdir, grid, args.seeds, args.jobs, args.slurm,
                          args.slurm_option, args.processes_per_run, args.devices_per_process,
                          progress=not args.no_progress and sys.stderr.isatty(),
-                         train=not args.summarize)
+                         train=not args.summarize, population=args.population)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -44,7 +44,7 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
               grid: dict[str, Sequence[Any]] | None = None, seeds: int = 1, jobs: int = 1,
               slurm: bool = False, slurm_options: Sequence[str] = (), processes_per_run: int = 1,
               devices_per_process: int = 1, progress: bool = True, train: bool = True,
-              echo: Callable[[str], None] = print) -> SweepOutcome:
+              echo: Callable[[str], None] = print, population: int = 0) -> SweepOutcome:
     """`sweep`, returning what the call did as well (for the command line)."""
     if isinstance(config, str):
         config = load_config(config)
@@ -52,6 +52,7 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
                         ("devices_per_process", devices_per_process)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+    _check_population(population, slurm, processes_per_run)
     config = _grouped(config, workdir)
     plan = plan_lib.make_plan(config, grid, seeds)  # every value checked before any run
     trackers.check(config)  # installed and reachable, before the first run starts
@@ -69,7 +70,8 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
              "then write the summary with the same command, --summarize instead of --slurm")
         return SweepOutcome(load_runs(workdir), local.Outcome(), path)
     outcome = (local.run_all(workdir, plan, jobs, processes_per_run, devices_per_process,
-                             echo=echo, progress=progress) if train else local.Outcome())
+                             echo=echo, progress=progress, population=population)
+               if train else local.Outcome())
     results = load_runs(workdir)
     report.write_summary(results)
     done = sum(r.finished for r in results.runs)
@@ -81,16 +83,35 @@ def run_sweep(config: ml_collections.ConfigDict | str, workdir: str,
     return SweepOutcome(results, outcome)
 
 
+def _check_population(population: int, slurm: bool, processes_per_run: int) -> None:
+    if not isinstance(population, int) or isinstance(population, bool) or population < 0:
+        raise ValueError(f"population={population!r}: expected a number of members >= 1 "
+                         "(0: one run per process)")
+    if population and slurm:
+        raise ValueError(f"population={population} trains members together in this host's "
+                         "processes; a SLURM array runs one run per task (leave one out)")
+    if population and processes_per_run > 1:
+        raise ValueError(f"population={population} trains in one process; "
+                         f"processes_per_run={processes_per_run} launches several per run "
+                         "(leave one out)")
+
+
 def sweep(config: ml_collections.ConfigDict | str, workdir: str,
           grid: dict[str, Sequence[Any]] | None = None, seeds: int = 1, jobs: int = 1,
           slurm: bool = False, slurm_options: Sequence[str] = (), processes_per_run: int = 1,
-          devices_per_process: int = 1, progress: bool = True) -> SweepResults:
+          devices_per_process: int = 1, progress: bool = True, population: int = 0
+          ) -> SweepResults:
     """Train `config` (a config, or a name/path for `load_config`) at every point of `grid`
     ({field: values}) with `seeds` seeds each, into workdir/runs/NAME, `jobs` at a time, and
     write the summary; finished runs are skipped and interrupted ones resumed. With `slurm`,
-    write an sbatch job-array script instead. Returns the sweep read back (`load_runs`)."""
+    write an sbatch job-array script instead. With `population` N, the runs that may train
+    together (differing only in seeds and per-member fields, `population.MEMBER_FIELDS`)
+    are packed into populations of at most N members, each trained in one step in one
+    process (`train_population`); every run is still an ordinary run. Returns the sweep
+    read back (`load_runs`)."""
     return run_sweep(config, workdir, grid, seeds, jobs, slurm, slurm_options,
-                     processes_per_run, devices_per_process, progress).results
+                     processes_per_run, devices_per_process, progress,
+                     population=population).results
 
 
 def values_of(runs: Sequence[SweepRun]) -> dict[str, list[float]]:

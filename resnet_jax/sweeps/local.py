@@ -106,12 +106,34 @@ class Outcome:
     stopped: str = ""  # the signal that stopped the sweep, if one did
 
 
+@dataclasses.dataclass
+class _Unit:
+    """What one process trains: a run, or a population of runs (`population`)."""
+
+    name: str  # its log's name
+    runs: list[PlannedRun]
+    command: list[str]
+
+
+def _units(workdir: str, plan: Plan, todo: list[PlannedRun], population: int, processes: int,
+           devices_per_process: int) -> list[_Unit]:
+    if population < 1:
+        return [_Unit(run.name, [run], plan_lib.run_command(workdir, run, processes,
+                                                            devices_per_process))
+                for run in todo]
+    return [_Unit(f"population,{pack[0].name}", pack,
+                  plan_lib.population_command(workdir, pack))
+            for pack in plan_lib.populations(plan, todo, population)]
+
+
 def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
             devices_per_process: int = 1, echo: Callable[[str], None] = print,
-            progress: bool = True) -> Outcome:
+            progress: bool = True, population: int = 0) -> Outcome:
     """Train every run of `plan` that has not finished, `jobs` at a time. A run's output goes
     to logs/NAME.log. SIGTERM or Ctrl-C passes SIGTERM on to the runs (each saves a
-    checkpoint) and starts no more: the same call later resumes them."""
+    checkpoint) and starts no more: the same call later resumes them. With `population` N,
+    the runs that may train together are packed into populations of at most N members, one
+    process each (`plan.populations`; output in logs/population,FIRST_RUN.log)."""
     from tqdm import tqdm
 
     workdir = os.path.abspath(workdir)
@@ -124,10 +146,11 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
             todo.append(run)
     if not todo:
         return outcome
-    free = shares(min(jobs, len(todo)))
+    units = _units(workdir, plan, todo, population, processes, devices_per_process)
+    free = shares(min(jobs, len(units)))
     os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
     env = plan_lib.run_environment()
-    running: dict[subprocess.Popen, tuple[PlannedRun, Share, float, object]] = {}
+    running: dict[subprocess.Popen, tuple[_Unit, Share, float, object]] = {}
     stop = {"signal": 0}
 
     def on_signal(signum, frame):
@@ -141,45 +164,32 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=len(plan.runs), initial=len(outcome.skipped), unit="run",
                disable=not progress, desc="sweep")
-    echo(f"{len(todo)} of {len(plan.runs)} runs to train, {min(jobs, len(todo))} at a time"
+    packed = f" in {len(units)} population(s)" if population >= 1 else ""
+    echo(f"{len(todo)} of {len(plan.runs)} runs to train{packed}, "
+         f"{min(jobs, len(units))} at a time"
          + (f" ({len(outcome.skipped)} finished before)" if outcome.skipped else ""))
     try:
-        while (todo and not stop["signal"]) or running:
-            while todo and free and not stop["signal"]:
-                run, share = todo.pop(0), free.pop(0)
-                log = open(os.path.join(workdir, "logs", f"{run.name}.log"), "a")
-                command = _pinned(plan_lib.run_command(workdir, run, processes,
-                                                       devices_per_process), share.cores)
+        while (units and not stop["signal"]) or running:
+            while units and free and not stop["signal"]:
+                unit, share = units.pop(0), free.pop(0)
+                log = open(os.path.join(workdir, "logs", f"{unit.name}.log"), "a")
+                command = _pinned(unit.command, share.cores)
                 log.write(f"$ {shlex.join(command)}\n")
                 log.flush()
                 proc = subprocess.Popen(command, env={**env, **share.env}, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-                running[proc] = (run, share, time.time(), log)
+                running[proc] = (unit, share, time.time(), log)
             done = [p for p in running if p.poll() is not None]
             if not done:
                 time.sleep(0.2)
                 continue
             for proc in done:
-                run, share, started, log = running.pop(proc)
+                unit, share, started, log = running.pop(proc)
                 log.close()
                 free.append(share)
-                seconds = round(time.time() - started, 2)
-                finished = plan_lib.is_finished(plan_lib.run_dir(workdir, run))
-                append_log(workdir, {"run": run.name, "started": round(started, 2),
-                                     "seconds": seconds, "exit": proc.returncode,
-                                     "finished": finished})
-                if finished:
-                    outcome.trained.append(run.name)
-                    bar.update(1)
-                elif proc.returncode == rundir.EXIT_BUSY:
-                    outcome.busy.append(run.name)
-                    echo(f"run {run.name} is in use by another process (a SLURM task, another "
-                         "sweep): left to it")
-                elif proc.returncode != 0 and not stop["signal"]:  # not one the stop ended
-                    outcome.failed[run.name] = proc.returncode
-                    bar.update(1)
-                    echo(f"run {run.name} failed (exit status {proc.returncode}); its output: "
-                         f"{os.path.join(workdir, 'logs', run.name + '.log')}")
+                for run in unit.runs:
+                    _account(workdir, outcome, unit, run, proc.returncode, started,
+                             bool(stop["signal"]), bar, echo)
     finally:
         for proc in running:  # only after an exception: hand the runs the stop as well
             if proc.poll() is None:
@@ -191,6 +201,28 @@ def run_all(workdir: str, plan: Plan, jobs: int = 1, processes: int = 1,
     if stop["signal"]:
         outcome.stopped = signal.Signals(stop["signal"]).name
     return outcome
+
+
+def _account(workdir: str, outcome: Outcome, unit: _Unit, run: PlannedRun, code: int,
+             started: float, stopping: bool, bar, echo: Callable[[str], None]) -> None:
+    """Log and count how a run of a finished process ended."""
+    finished = plan_lib.is_finished(plan_lib.run_dir(workdir, run))
+    append_log(workdir, {"run": run.name, "started": round(started, 2),
+                         "seconds": round(time.time() - started, 2), "exit": code,
+                         "finished": finished,
+                         **({"population": unit.name} if len(unit.runs) > 1 else {})})
+    if finished:
+        outcome.trained.append(run.name)
+        bar.update(1)
+    elif code == rundir.EXIT_BUSY:
+        outcome.busy.append(run.name)
+        echo(f"run {run.name} is in use by another process (a SLURM task, another "
+             "sweep): left to it")
+    elif code != 0 and not stopping:  # not one the stop ended
+        outcome.failed[run.name] = code
+        bar.update(1)
+        echo(f"run {run.name} failed (exit status {code}); its output: "
+             f"{os.path.join(workdir, 'logs', unit.name + '.log')}")
 
 
 def slurm_script(workdir: str, plan: Plan, options: list[str] = (), processes: int = 1,

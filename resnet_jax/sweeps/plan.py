@@ -35,6 +35,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # the train command, run from the package (no checkout needed)
 TRAIN_MODULE = "resnet_jax.cli.train"
 LAUNCH_MODULE = "resnet_jax.cli.launch"
+POPULATION_MODULE = "resnet_jax.cli.population"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +231,41 @@ def run_command(workdir: str, run: PlannedRun, processes: int = 1, devices_per_p
                 "--devices-per-process", str(devices_per_process), "--",
                 *train_args(workdir, run)]
     return [python, "-m", TRAIN_MODULE, *train_args(workdir, run)]
+
+
+def run_config(plan: Plan, run: PlannedRun) -> ml_collections.ConfigDict:
+    """A run's config as its train command builds it: the base config with its overrides."""
+    base = config_json.config_from_dict(plan.config)
+    config, _ = apply_overrides(config_lib.with_overrides(base, **run.overrides),
+                                run.overrides)
+    return config
+
+
+def populations(plan: Plan, runs: list[PlannedRun], size: int) -> list[list[PlannedRun]]:
+    """`runs` packed, in order, into populations of at most `size` members whose configs
+    may train together (`population.check_members`): each run joins the first open
+    population it fits."""
+    from resnet_jax.training import population
+
+    packs: list[list[PlannedRun]] = []
+    firsts: list[ml_collections.ConfigDict] = []
+    for run in runs:
+        config = run_config(plan, run)
+        for pack, first in zip(packs, firsts):
+            if len(pack) < size and population.fits(first, config):
+                pack.append(run)
+                break
+        else:
+            packs.append([run])
+            firsts.append(config)
+    return packs
+
+
+def population_command(workdir: str, runs: list[PlannedRun], python: str = sys.executable
+                       ) -> list[str]:
+    """The command that trains `runs` as one population (`resnet_jax.cli.population`)."""
+    return [python, "-m", POPULATION_MODULE, "--sweep", os.path.abspath(workdir),
+            *[f"--run={run.name}" for run in runs]]
 
 
 def run_environment() -> dict[str, str]:

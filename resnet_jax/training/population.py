@@ -126,6 +126,15 @@ def check_members(configs: Sequence[ml_collections.ConfigDict]) -> None:
                 f"{', '.join(MEMBER_FIELDS)}, model_overrides.{', '.join(MEMBER_OVERRIDES)}")
 
 
+def fits(first: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> bool:
+    """Whether `config` may join a population whose first member is `first`."""
+    try:
+        check_members([first, config])
+    except ValueError:
+        return False
+    return True
+
+
 def groups(configs: Sequence[ml_collections.ConfigDict]) -> list[list[int]]:
     """Member indices by program: members whose configs differ only in seeds (and names)."""
     keyed: dict[str, list[int]] = {}
@@ -326,6 +335,13 @@ class Population:
         try:
             self.strategy = self._strategy(exps)
             restored = self._restore()
+            self.rngs = jnp.stack([m.dropout_rng for m in self.stacked])
+            self.states = self._stack([[s for s, _ in restored[lo:hi]]
+                                       for lo, hi in self._spans()])
+            first = self.stacked[0]
+            preflight.check_population(first.exp, self.strategy, self.states, self.rngs,
+                                       len(exps), first.strategy,
+                                       first.strategy.place_state(restored[0][0]))
             for i, (member, (state, saved)) in enumerate(zip(self.stacked, restored)):
                 member.start(state, saved, feeds=i == 0 or not self.shared_data, first=i == 0)
         except BaseException:
@@ -333,11 +349,7 @@ class Population:
                 member.ckpt.close()
             raise
         self.step = self.stacked[0].step
-        self.rngs = jnp.stack([m.dropout_rng for m in self.stacked])
-        self.states = self._stack([[s for s, _ in restored[lo:hi]]
-                                   for lo, hi in self._spans()])
         self.views: dict[int, Any] = {}
-        self._preflight()
 
     def _spans(self) -> list[tuple[int, int]]:
         spans, lo = [], 0
@@ -410,12 +422,6 @@ class Population:
                          for states in states_by_group)
         return tuple(self.strategy.place_state(jax.tree.map(
             lambda *xs: np.stack([fetch(x) for x in xs]), *states)) for states in states_by_group)
-
-    def _preflight(self) -> None:
-        exp = self.stacked[0].exp
-        preflight.check_population(exp, self.strategy, self.states, self.rngs,
-                                   len(self.members), self.stacked[0].strategy,
-                                   self.stacked[0].state)
 
     # -- the loop ---------------------------------------------------------------------------
 
