@@ -5,6 +5,7 @@
     python -m experiments.benchmark --against user      # the engine's step vs a plain one
     python -m experiments.benchmark --input-pipeline    # JPEG input pipeline vs tf.data
     python -m experiments.benchmark --accelerator       # one GPU/TPU: train step vs PyTorch
+    python -m experiments.benchmark --population 1,2,4,8  # populations vs members in turn
 
 Each device count runs in a fresh process (on the CPU, JAX is split into N host devices
 with XLA_FLAGS; on GPUs, CUDA_VISIBLE_DEVICES keeps the first N). The global batch is
@@ -143,8 +144,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --accelerator: XLA_FLAGS for the resnet_jax side")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="with --accelerator: the device's peak, where the table lacks it")
+    parser.add_argument("--population", default=None, metavar="N,N,...",
+                        help="populations of these sizes against their members trained one "
+                             "after another: step rate and whole job (benchmarks/population.py)")
+    parser.add_argument("--job-steps", type=int, default=None,
+                        help="--population: steps of each whole job (0: no jobs)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.population:
+        from benchmarks import population
+
+        try:
+            return population.main([int(n) for n in args.population.split(",")],
+                                   args.models.split(",") if args.models else None,
+                                   args.steps or 10, 2 if args.warmup is None else args.warmup,
+                                   args.rounds, args.job_steps,
+                                   args.results_dir or population.RESULTS)
+        except ValueError as err:
+            parser.error(str(err))
     if args.accelerator:
         from benchmarks import accelerator
 

@@ -24,6 +24,12 @@ from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.configs import load_config
 
 from conftest import ROOT
+from test_readme import argv, command
+
+SWEEP_COMMAND = (".venv/bin/python -m experiments.sweep --config "
+                 "experiments/configs/fashion_mnist.py --workdir runs/lr_population")
+TRAIN_COMMAND = (".venv/bin/python -m experiments.train --config "
+                 "experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist_population")
 
 # The main job's net on 512 real images with validation: 8 steps an epoch,
 # 2 epochs, checkpoints every 2 steps, 200 validation and 200 test images.
@@ -80,11 +86,14 @@ def assert_same_run(member: str, separate: str, resumed: bool = False) -> None:
         assert os.path.getsize(os.path.join(member, "plots", name)) > 0
 
 
-def sweep(workdir: str, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.sweep", "--config", "fashion_mnist", "--workdir",
-         workdir, "--grid", "learning_rate=0.1,0.2", "--seeds", "3", *options, *TINY_ARGS],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+def sweep(workdir: str, population: bool) -> subprocess.CompletedProcess:
+    """The README's population sweep (or the same without --population) on tiny data."""
+    cmd = argv(command(SWEEP_COMMAND), **{"runs/lr_population": workdir}) + TINY_ARGS
+    assert cmd[cmd.index("--population"):cmd.index("--population") + 2] == ["--population",
+                                                                             "6"]
+    if not population:
+        del cmd[cmd.index("--population"):cmd.index("--population") + 2]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def summary_rows(workdir: str) -> list[dict]:
@@ -121,7 +130,7 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
     # the sweep without populations: 6 ordinary runs, the references. One at a time: with
     # --jobs 2 each run has one core, and oneDNN's convolutions split their sums by threads
     apart = str(tmp_path / "apart")
-    done = sweep(apart)
+    done = sweep(apart, population=False)
     assert done.returncode == 0, done.stderr[-3000:]
     run = lambda lr, seed: os.path.join(apart, "runs", f"learning_rate={lr},seed={seed}")  # noqa
 
@@ -139,7 +148,7 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
 
     # 2. the same sweep packed into one population of 6: the same summary
     packed = str(tmp_path / "packed")
-    done = sweep(packed, "--population", "6")
+    done = sweep(packed, population=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "6 of 6 runs to train in 1 population(s)" in done.stdout
     assert summary_rows(packed) == summary_rows(apart)
@@ -151,11 +160,13 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
             name = f"learning_rate={lr},seed={seed}"
             assert_same_run(os.path.join(packed, "runs", name), run(lr, seed))
 
-    # 3. the train command's population (seeds 0-2 at 0.1), SIGKILLed after a checkpoint;
+    # 3. the README's train command, 3 members (seeds 0-2 at 0.1), SIGKILLed after a checkpoint;
     # one member's newest checkpoint removed as if the kill fell between two members' saves
     pop = str(tmp_path / "pop")
-    cmd = [sys.executable, "-m", "experiments.train", "--config", "fashion_mnist", "--workdir",
-           pop, "--config.population_size=3", "--config.learning_rate=0.1", *TINY_ARGS]
+    cmd = argv(command(TRAIN_COMMAND), **{"runs/fashion_mnist_population": pop,
+                                           "population_size=5": "population_size=3"})
+    cmd += ["--config.learning_rate=0.1", *TINY_ARGS]
+    assert "--config.population_size=3" in cmd
     members = [os.path.join(pop, f"seed={s}") for s in range(3)]
     kill_after_two_checkpoints(cmd, members)
     saved = [latest_steps(m) for m in members]
@@ -176,3 +187,130 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
         for s in range(3)]
     with open(os.path.join(pop, population.POPULATION_FILE)) as f:
         assert [m["workdir"] for m in json.load(f)["members"]] == ["seed=0", "seed=1", "seed=2"]
+
+
+def tiny(**overrides):
+    values = {**TINY, "train_subset": 256, "num_epochs": 1, "validation_split": 0.0,
+              "ema_decay": 0.0, **overrides}
+    return load_config("fashion_mnist", **values)
+
+
+def test_shared_data_gives_every_member_the_first_ones_data_seed(tmp_path):
+    base = tiny(population_size=2, population_data="shared", seed=3)
+    configs, workdirs = population.members_of(base, str(tmp_path / "pop"))
+    assert [c.seed for c in configs] == [3, 4] and [c.data_seed for c in configs] == [3, 3]
+    population.train_population(configs, workdirs)
+    # the second member: initialised by its own seed, fed the first one's data
+    alone = str(tmp_path / "alone")
+    train_and_evaluate(tiny(seed=4, data_seed=3), alone)
+    assert_same_run(workdirs[1], alone)
+    assert run_config(workdirs[1]).data_seed == 3 and run_config(workdirs[1]).population_size == 0
+
+
+def test_vmapped_members_agree_with_their_runs_to_float32_rounding(tmp_path):
+    # vmap batches each member's convolutions and matmuls into one kernel, which sums in
+    # another order: float32 rounding (2^-24 relative) per operation. Measured, the worst
+    # array's difference over its largest value: 1.2e-6 after one step, 1.1e-5 after two
+    # (each step's rounding is amplified by the next update), 2.9e-2 after four (a
+    # BatchNorm statistic near zero, early in the one-cycle warm-up). Two steps, within 1e-4.
+    configs = [tiny(seed=s, num_steps=2, population_map="vmap", cpu_conv_dtype="float32")
+               for s in (0, 1)]
+    workdirs = [str(tmp_path / f"m{s}") for s in (0, 1)]
+    population.train_population(configs, workdirs)
+    for config, workdir in zip(configs, workdirs):
+        alone = str(tmp_path / f"alone{config.seed}")
+        train_and_evaluate(config, alone)
+        (_, a), (_, b) = final_state(workdir), final_state(alone)
+        worst = max(float(np.max(np.abs(np.asarray(x, np.float64) - y)))
+                    / max(float(np.max(np.abs(y))), 1e-6)
+                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        assert worst <= 1e-4
+        assert [r["train_loss"] for r in records(workdir)] == pytest.approx(
+            [r["train_loss"] for r in records(alone)], rel=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 32}, "population member 1 has batch_size=32 but member 0 has 64: "
+                         "members share batch_size"),
+    ({"model": "cifar_resnet20"}, "population member 1 has model='cifar_resnet20' but "
+                                  "member 0 has 'fashion_mnist_resnet8'"),
+    ({"model_overrides": {"stem_width": 16}}, "population member 1 has "
+                                             "model_overrides.stem_width=16"),
+])
+def test_a_member_that_changes_shapes_is_refused_naming_the_field(tmp_path, change, message):
+    configs = [tiny(), tiny(seed=1, **change)]
+    with pytest.raises(ValueError) as err:
+        population.train_population(configs, [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not os.path.exists(tmp_path / "a")  # refused before anything was written
+    # per-member fields are not refused
+    population.check_members([tiny(), tiny(seed=1, learning_rate=0.3, label_smoothing=0.0,
+                                           mixup_alpha=0.2, ema_decay=0.5)])
+
+
+def one_line_error(args: list[str], devices: int = 1) -> str:
+    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "fashion_mnist",
+                          *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    return lines[0]
+
+
+def test_a_population_that_does_not_fit_the_devices_is_one_line(tmp_path):
+    line = one_line_error(["--workdir", str(tmp_path / "p"), "--config.population_size=2",
+                           "--config.batch_size=6", "--config.parallel=sharded"], devices=4)
+    assert ("a population of 2 members on 4 devices: every member's batch_size 6 is split "
+            "over the devices and does not divide by 4") in line
+    line = one_line_error(["--workdir", str(tmp_path / "t"), "--config.population_size=3",
+                           "--config.model=alexnet", "--config.parallel=towers"], devices=2)
+    assert "parallel='towers' splits one AlexNet over two devices; a population of 3" in line
+    assert not os.path.exists(tmp_path / "p" / "seed=0" / "checkpoints")
+
+
+def test_a_sweep_refuses_a_population_it_cannot_pack(tmp_path, capsys):
+    from experiments import sweep as sweep_cli
+
+    for options, message in ((["--population", "-1"], "population=-1"),
+                             (["--population", "2", "--slurm"], "a SLURM array runs one run "
+                                                                 "per task")):
+        code = sweep_cli.main(["--config", "fashion_mnist", "--workdir", str(tmp_path / "s"),
+                               "--seeds", "2", *options])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+WORKER = """
+import json, sys
+import jax, numpy as np
+from resnet_jax.configs import load_config
+from resnet_jax.training.population import train_population
+from resnet_jax.training.loop import train_and_evaluate
+from resnet_jax.training.checkpoint import Checkpointer
+root, tiny = sys.argv[1], json.loads(sys.argv[2])
+out = {}
+for parallel in ("sharded", "pmap"):
+    configs = [load_config("fashion_mnist", seed=s, parallel=parallel, **tiny) for s in (0, 1)]
+    dirs = [f"{root}/{parallel}/m{s}" for s in (0, 1)]
+    train_population(configs, dirs)
+    for c, d in zip(configs, dirs):
+        train_and_evaluate(c, d + "_alone")
+        a, b = (Checkpointer(p + "/checkpoints").restore_raw()[1] for p in (d, d + "_alone"))
+        out[f"{parallel}/{c.seed}"] = max(float(np.max(np.abs(x - y)))
+                                         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # 2 populations and 4 runs on 2 devices
+def test_members_on_two_devices_equal_their_runs_on_two_devices(tmp_path):
+    values = {**TINY, "train_subset": 256, "num_epochs": 1, "validation_split": 0.0,
+              "ema_decay": 0.0}
+    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    out = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path), json.dumps(values)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diffs = json.loads(out.stdout.split("RESULT ")[-1])
+    # members replicated on both devices, each batch split: bit for bit the runs' steps
+    assert diffs == {"sharded/0": 0.0, "sharded/1": 0.0, "pmap/0": 0.0, "pmap/1": 0.0}

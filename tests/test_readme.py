@@ -112,6 +112,11 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
     "--workdir runs/lr": "test_sweep: swept",
     ".venv/bin/python -m experiments.compare": "test_sweep: compare",
+    # tests/test_population.py runs these
+    ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist.py "
+    "--workdir runs/fashion_mnist_population": "test_population: members",
+    ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
+    "--workdir runs/lr_population": "test_population: members",
     # tests/test_tracking.py and tests/test_api.py run these
     ".venv/bin/pip install -r requirements-tracking.txt": "test_tracking: installed",
     ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist.py "
@@ -129,7 +134,7 @@ def test_every_readme_command_is_run_by_a_test_here():
     assert not unmatched, f"README commands no test runs: {unmatched}"
     stale = [k for k in COVERED if not any(c.startswith(k) for c in commands)]
     assert not stale, f"tests for commands the README no longer has: {stale}"
-    assert len(commands) == 37
+    assert len(commands) == 39
 
 
 def test_command_is_what_ci_runs():
