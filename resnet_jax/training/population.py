@@ -208,6 +208,8 @@ def train_population_config(config: ml_collections.ConfigDict, workdir: str
     """`train_population` of a config with `population_size`: its members (`members_of`)
     under `workdir`, listed in WORKDIR/population.json."""
     configs, workdirs = members_of(config, workdir)
+    check_members(configs)
+    check_devices(config, len(configs))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, POPULATION_FILE), "w") as f:
         json.dump({"members": [{"workdir": os.path.basename(w), "seed": c.seed}
@@ -285,7 +287,7 @@ class Member(loop._Loop):
         """Begin at `state` (restored or initial) with the checkpoint's `saved` meta; a
         member that `feeds` opens its own training pipeline."""
         self.start_step = self.step = int(state.step)
-        self.state = self.strategy.place_state(state)
+        self.state = None  # a view of the population's, set before it evaluates or saves
         if feeds:
             self._open_data(saved.get("pipeline"), put=lambda batch: batch)
         else:
