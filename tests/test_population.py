@@ -25,6 +25,7 @@ from resnet_jax.configs import load_config
 
 from conftest import ROOT
 from test_readme import argv, command
+from test_reliability import final_state
 
 SWEEP_COMMAND = (".venv/bin/python -m experiments.sweep --config "
                  "experiments/configs/fashion_mnist.py --workdir runs/lr_population")
@@ -41,14 +42,6 @@ TINY_ARGS = [f"--config.{k}={v}" for k, v in TINY.items()]
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 # what differs between two runs of the same computation: the clock
 TIMES = ("images_per_second", "train_data_wait", "wall_seconds", "seconds_to_first_step")
-
-
-def final_state(workdir: str):
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        return ckpt.restore_raw()
-    finally:
-        ckpt.close()
 
 
 def latest_steps(workdir: str) -> list[int]:
