@@ -28,9 +28,9 @@ from test_readme import argv, command
 from test_reliability import final_state
 
 SWEEP_COMMAND = (".venv/bin/python -m experiments.sweep --config "
-                 "experiments/configs/fashion_mnist.py --workdir runs/lr_population")
+                 "experiments/configs/fashion_mnist.py --workdir runs/population_lr")
 TRAIN_COMMAND = (".venv/bin/python -m experiments.train --config "
-                 "experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist_population")
+                 "experiments/configs/fashion_mnist.py --workdir runs/population_fm")
 
 # The main job's net on 512 real images with validation: 8 steps an epoch,
 # 2 epochs, checkpoints every 2 steps, 200 validation and 200 test images.
@@ -81,7 +81,7 @@ def assert_same_run(member: str, separate: str, resumed: bool = False) -> None:
 
 def sweep(workdir: str, population: bool) -> subprocess.CompletedProcess:
     """The README's population sweep (or the same without --population) on tiny data."""
-    cmd = argv(command(SWEEP_COMMAND), **{"runs/lr_population": workdir}) + TINY_ARGS
+    cmd = argv(command(SWEEP_COMMAND), **{"runs/population_lr": workdir}) + TINY_ARGS
     assert cmd[cmd.index("--population"):cmd.index("--population") + 2] == ["--population",
                                                                              "6"]
     if not population:
@@ -156,7 +156,7 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
     # 3. the README's train command, 3 members (seeds 0-2 at 0.1), SIGKILLed after a checkpoint;
     # one member's newest checkpoint removed as if the kill fell between two members' saves
     pop = str(tmp_path / "pop")
-    cmd = argv(command(TRAIN_COMMAND), **{"runs/fashion_mnist_population": pop,
+    cmd = argv(command(TRAIN_COMMAND), **{"runs/population_fm": pop,
                                            "population_size=5": "population_size=3"})
     cmd += ["--config.learning_rate=0.1", *TINY_ARGS]
     assert "--config.population_size=3" in cmd

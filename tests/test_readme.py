@@ -114,9 +114,9 @@ COVERED = {  # the start of each README command -> the test that runs it
     ".venv/bin/python -m experiments.compare": "test_sweep: compare",
     # tests/test_population.py runs these
     ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist.py "
-    "--workdir runs/fashion_mnist_population": "test_population: members",
+    "--workdir runs/population_fm": "test_population: members",
     ".venv/bin/python -m experiments.sweep --config experiments/configs/fashion_mnist.py "
-    "--workdir runs/lr_population": "test_population: members",
+    "--workdir runs/population_lr": "test_population: members",
     # tests/test_tracking.py and tests/test_api.py run these
     ".venv/bin/pip install -r requirements-tracking.txt": "test_tracking: installed",
     ".venv/bin/python -m experiments.train --config experiments/configs/fashion_mnist.py "
