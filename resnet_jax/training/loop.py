@@ -250,10 +250,12 @@ class _Loop:
 
     def close(self) -> None:
         """Stop the clock, the prefetch thread and the workers; wait for the checkpoints in
-        flight (then their manifests are written) and close the metric files."""
+        flight (then their manifests are written) and close the metric files. (A population
+        member fed by another member's pipeline has none.)"""
         self.clock.close()
-        self.batches.close()
-        workers.close(self.data)
+        if self.batches is not None:
+            self.batches.close()
+            workers.close(self.data)
         self.bar.close()
         self.ckpt.close()
         self.writer.close()

@@ -308,17 +308,6 @@ class Member(loop._Loop):
     def _fetch_pending(self) -> list[dict[str, Any]]:
         return [shared.member(self.index) for shared in self.pending]
 
-    def close(self) -> None:
-        self.clock.close()
-        if self.batches is not None:
-            self.batches.close()
-            from resnet_jax.data import workers
-
-            workers.close(self.data)
-        self.bar.close()
-        self.ckpt.close()
-        self.writer.close()
-
 
 class Population:
     """The members' loops driven by one train step over their stacked states."""
