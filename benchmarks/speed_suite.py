@@ -1,19 +1,23 @@
-"""resnet_jax against a peer on the CPU: train- and eval-step throughput, time to the first
+"""resnet_jax against its peers on the CPU: train- and eval-step throughput, time to the first
 step and peak memory for a fixed suite of models, measured in one run, side by side.
 
     python -m experiments.benchmark --against torch [--models a,b] [--repeats 5] [--rounds 3]
     python -m experiments.benchmark --against user  [--models a,b] ...
 
-Peers: "torch", the same architectures in PyTorch (benchmarks/torch_peers.py); "user", a train
-step written as a user of the library writes one (`get_model(name, **ops.cpu.layers())`,
-optax, `jax.jit(..., compiler_options=ops.cpu.jit_options("train"))`, no engine code), to show
-that the CPU kernels' speed is not the engine's alone. Every process first applies the CPU
+Peers: with "torch", PyTorch (the same architectures, benchmarks/torch_peers.py) and Keras 3
+on its JAX backend (keras-hub's ResNets where they are the same net, the others written in
+Keras, benchmarks/keras_peers.py), each a ratio column; by default on the four nets the CPU
+target is stated on (HEADLINE), any of SUITE with --models. "user": a train step written as a
+user of the library writes one (`get_model(name, **ops.cpu.layers())`, optax,
+`jax.jit(..., compiler_options=ops.cpu.jit_options("train"))`, no engine code), to show that
+the CPU kernels' speed is not the engine's alone. Every process first applies the CPU
 kernels' malloc setting (`experiment.apply_process_settings`, as experiments.train does), so
 the sides differ only in their steps.
 
-Each (model, framework) pair runs in a fresh process so that peak memory (max RSS) is its
-own, `--rounds` times with the two frameworks in alternating order: this VM's speed drifts by
-up to 30% over minutes, and one pair of runs moved a model's ratio by as much. Both frameworks use the same number of threads (all cores unless --threads). Results:
+Each (model, side) pair runs in a fresh process so that peak memory (max RSS) is its own,
+`--rounds` times with the sides' order rotated each round: this VM's speed drifts by up to
+30% over minutes, and one pair of runs moved a model's ratio by as much. Every side uses the
+same number of threads (all cores unless --threads). Results:
 experiments/results/cpu_vs_torch.json and .md (the table also belongs in RESULTS.md).
 """
 
@@ -181,6 +185,34 @@ def run_torch(model_name, shape, batch, repeats, warmup, threads) -> dict:
     return {"params": params, "first_step_s": first, "train_step_s": train_s, "eval_step_s": eval_s}
 
 
+def run_keras(model_name, shape, batch, repeats, warmup) -> dict:
+    """Keras 3 on its JAX backend as its users train: the model compiled with SGD (momentum,
+    weight decay) and sparse cross-entropy (XLA's jit, Keras's defaults), one step per
+    `train_on_batch` (measured equal to `fit()` per step: 0.64 s both at cifar_resnet20),
+    `predict_on_batch` for the eval step."""
+    import jax
+    import keras
+    import numpy as np
+
+    from benchmarks.keras_peers import PEERS
+    from resnet_jax.models import get_spec
+
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(f"Keras runs on {keras.backend.backend()!r}; set KERAS_BACKEND=jax")
+    keras.utils.set_random_seed(0)
+    num_classes = get_spec(model_name).num_classes
+    model = PEERS[model_name][0](num_classes, shape)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-4),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.normal(size=(batch, *shape)).astype(np.float32))
+    y = jax.device_put(rng.integers(0, num_classes, batch).astype(np.int32))
+    first, train_s = _timed(lambda: model.train_on_batch(x, y), repeats, warmup)
+    _, eval_s = _timed(lambda: model.predict_on_batch(x).argmax(-1), repeats, warmup)
+    return {"params": params, "first_step_s": first, "train_step_s": train_s, "eval_step_s": eval_s}
+
+
 def worker(framework, model_name, repeats, warmup, threads) -> dict:
     from resnet_jax.training import config, experiment
 
@@ -190,6 +222,8 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
         out = run_jax(model_name, shape, batch, repeats, warmup)
     elif framework == "user":
         out = run_user(model_name, shape, batch, repeats, warmup)
+    elif framework == "keras":
+        out = run_keras(model_name, shape, batch, repeats, warmup)
     else:
         out = run_torch(model_name, shape, batch, repeats, warmup, threads)
     out.update(framework=framework, model=model_name, batch=batch, input_shape=list(shape),
@@ -200,7 +234,8 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
 
 
 def _run_worker(framework, model_name, repeats, warmup, threads) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               KERAS_BACKEND="jax")
     cmd = [sys.executable, "-m", "benchmarks.speed_suite", framework, model_name,
            str(repeats), str(warmup), str(threads)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -220,115 +255,160 @@ def _median_record(records: list[dict]) -> dict:
 
 
 def run_suite(models, repeats, warmup, threads, rounds: int = 3,
-              pair: tuple[str, str] = ("jax", "torch")) -> list[dict]:
-    """Each model: `rounds` pairs of fresh processes, the two sides of `pair` in alternating
-    order (the first side first in odd rounds) so that a drift in the machine's speed does not
-    favour either. The ratio (first / second) is the median of the per-round ratios."""
-    a, b = pair
+              sides: tuple[str, ...] = ("jax", "torch")) -> list[dict]:
+    """Each model: `rounds` sets of fresh processes, one per side, the order rotated by one
+    side per round (two sides alternate) so that a drift in the machine's speed favours none.
+    Ratios are the first side's throughput over each other side's, the median of the
+    per-round ratios; the first peer's are also the row's `train_ratio`/`eval_ratio`."""
+    a, peers = sides[0], sides[1:]
     rows = []
     for model_name in models:
-        runs: dict[str, list[dict]] = {a: [], b: []}
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(rounds):
-            for framework in (a, b) if r % 2 == 0 else (b, a):
+            k = r % len(sides)
+            for framework in sides[k:] + sides[:k]:
                 result = _run_worker(framework, model_name, repeats, warmup, threads)
                 runs[framework].append(result)
                 print(f"{model_name:24s} round {r + 1} {framework:5s} train "
                       f"{result['train_images_per_s']:8.1f} img/s  eval "
                       f"{result['eval_images_per_s']:8.1f} img/s", flush=True)
-        if runs[a][0]["params"] != runs[b][0]["params"]:
-            raise RuntimeError(f"{model_name}: parameter counts differ "
-                               f"({runs[a][0]['params']} vs {runs[b][0]['params']})")
-        ratios = {kind: [x[f"{kind}_images_per_s"] / y[f"{kind}_images_per_s"]
-                         for x, y in zip(runs[a], runs[b])] for kind in ("train", "eval")}
-        rows.append({"model": model_name, a: _median_record(runs[a]), b: _median_record(runs[b]),
-                     "train_ratio": statistics.median(ratios["train"]),
-                     "eval_ratio": statistics.median(ratios["eval"]),
-                     "train_ratio_rounds": ratios["train"], "eval_ratio_rounds": ratios["eval"],
-                     "rounds": runs})
+        counts = {side: runs[side][0]["params"] for side in sides}
+        if len(set(counts.values())) > 1:
+            raise RuntimeError(f"{model_name}: parameter counts differ ({counts})")
+        row = {"model": model_name, **{side: _median_record(runs[side]) for side in sides},
+               "ratios": {}, "rounds": runs}
+        for peer in peers:
+            per_round = {kind: [x[f"{kind}_images_per_s"] / y[f"{kind}_images_per_s"]
+                                for x, y in zip(runs[a], runs[peer])] for kind in ("train", "eval")}
+            row["ratios"][peer] = {"train": statistics.median(per_round["train"]),
+                                   "eval": statistics.median(per_round["eval"]),
+                                   "train_rounds": per_round["train"],
+                                   "eval_rounds": per_round["eval"]}
+        first = row["ratios"][peers[0]]
+        row.update(train_ratio=first["train"], eval_ratio=first["eval"],
+                   train_ratio_rounds=first["train_rounds"], eval_ratio_rounds=first["eval_rounds"])
+        rows.append(row)
     return rows
 
 
-LABELS = {("jax", "torch"): ("JAX", "torch"), ("user", "jax"): ("user", "engine")}
+LABELS = {"jax": "JAX", "torch": "torch", "keras": "Keras", "user": "user"}
 
 
-def _intro(meta, pair) -> str:
+def _label(side: str, sides: tuple[str, ...]) -> str:
+    """A side's column label; the engine's step is "engine" beside the user's."""
+    return "engine" if side == "jax" and sides[0] == "user" else LABELS[side]
+# The nets the CPU target is stated on (geometric mean of their train ratios).
+HEADLINE = ("cifar_resnet20", "cifar_resnet56", "resnet18", "alexnet_owt")
+
+
+def _intro(meta, sides) -> str:
     common = (f"({meta['cpu']}, {meta['threads']} threads, float32; JAX {meta['jax']}), "
               f"{meta['date']}. Median of {meta['repeats']} timed steps after warm-up, in each of "
-              f"{meta['rounds']} rounds of fresh processes (the two sides in alternating order); "
+              f"{meta['rounds']} rounds of fresh processes (the sides' order rotated each round); "
               "figures are medians over the rounds, ratio = ")
-    if pair == ("jax", "torch"):
-        return (f"resnet_jax vs PyTorch {meta['torch']} on the CPU {common}resnet_jax / PyTorch "
-                "(median of the per-round ratios; the rounds' train ratios in the last column).")
+    if sides[0] == "jax":
+        peers = " and ".join({"torch": f"PyTorch {meta.get('torch')}",
+                              "keras": f"Keras {meta.get('keras')} (JAX backend, keras-hub "
+                                       f"{meta.get('keras_hub')})"}[p] for p in sides[1:])
+        return (f"resnet_jax vs {peers} on the CPU {common}resnet_jax / peer "
+                "(median of the per-round ratios; the rounds' train ratios in the last columns).")
     return ("A plain `jax.jit` + optax train step with `ops.cpu.layers()` and "
             "`ops.cpu.jit_options()` against the training engine's step on the CPU "
             f"{common}user / engine (median of the per-round ratios; the rounds' train ratios "
             "in the last column).")
 
 
-def markdown(rows, meta, pair: tuple[str, str] = ("jax", "torch")) -> str:
-    """The suite's table: both sides' throughput, first step and peak memory, and ratios."""
+def _geomean(values) -> float:
     import numpy as np
 
-    (a, b), (la, lb) = pair, LABELS[pair]
-    lines = [_intro(meta, pair), "",
-             f"| model | batch | params | train img/s {la} | train img/s {lb} | train ratio | "
-             f"eval img/s {la} | eval img/s {lb} | eval ratio | first step {la} (s) | "
-             f"first step {lb} (s) | peak RSS {la} (MiB) | peak RSS {lb} (MiB) | "
-             "train ratio per round |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return float(np.exp(np.mean(np.log(list(values)))))
+
+
+def markdown(rows, meta, sides: tuple[str, ...] = ("jax", "torch")) -> str:
+    """The suite's table: every side's throughput, first step and peak memory, and the first
+    side's ratios against each peer, with their geometric means."""
+    a, peers = sides[0], sides[1:]
+    head, rule = ["model", "batch", "params"], []
+    for kind in ("train", "eval"):
+        head += [f"{kind} img/s {_label(s, sides)}" for s in sides]
+        head += [f"{kind} ratio {_label(p, sides)}" for p in peers]
+    head += [f"first step {_label(s, sides)} (s)" for s in sides]
+    head += [f"peak RSS {_label(s, sides)} (MiB)" for s in sides]
+    head += [f"train ratio {_label(p, sides)} per round" for p in peers]
+    rule = ["---"] * len(head)
+    lines = [_intro(meta, sides), "", "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     for r in rows:
-        x, y = r[a], r[b]
-        lines.append(f"| {r['model']} | {x['batch']} | {x['params']:,} | "
-                     f"{x['train_images_per_s']:.1f} | {y['train_images_per_s']:.1f} | "
-                     f"{r['train_ratio']:.2f} | {x['eval_images_per_s']:.1f} | "
-                     f"{y['eval_images_per_s']:.1f} | {r['eval_ratio']:.2f} | "
-                     f"{x['first_step_s']:.1f} | {y['first_step_s']:.2f} | "
-                     f"{x['peak_rss_mib']:.0f} | {y['peak_rss_mib']:.0f} | "
-                     + ", ".join(f"{v:.2f}" for v in r["train_ratio_rounds"]) + " |")
-    ratios = [r["train_ratio"] for r in rows]
-    geo = float(np.exp(np.mean(np.log(ratios))))
-    worst = min(rows, key=lambda r: r["train_ratio"])
-    lines += ["", f"Train-step ratio: geometric mean {geo:.2f}, minimum "
-              f"{worst['train_ratio']:.2f} ({worst['model']})."]
+        cells = [r["model"], str(r[a]["batch"]), f"{r[a]['params']:,}"]
+        for kind in ("train", "eval"):
+            cells += [f"{r[s][f'{kind}_images_per_s']:.1f}" for s in sides]
+            cells += [f"{r['ratios'][p][kind]:.2f}" for p in peers]
+        cells += [f"{r[s]['first_step_s']:.2f}" for s in sides]
+        cells += [f"{r[s]['peak_rss_mib']:.0f}" for s in sides]
+        cells += [", ".join(f"{v:.2f}" for v in r["ratios"][p]["train_rounds"]) for p in peers]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for p in peers:
+        ratios = {r["model"]: r["ratios"][p]["train"] for r in rows}
+        worst = min(ratios, key=ratios.get)
+        text = (f"Train-step ratio against {_label(p, sides)}: geometric mean "
+                f"{_geomean(ratios.values()):.2f}, minimum {ratios[worst]:.2f} ({worst})")
+        headline = [m for m in HEADLINE if m in ratios]
+        if len(headline) == len(HEADLINE) and len(ratios) > len(headline):
+            text += (f"; over {', '.join(HEADLINE)}: "
+                     f"{_geomean(ratios[m] for m in headline):.2f}")
+        lines.append(text + ".")
     return "\n".join(lines) + "\n"
 
 
 USER_SUITE = ("cifar_resnet20", "resnet18", "alexnet_owt")
 
 
+def _cpu() -> dict:
+    """The CPU as lscpu names it: model name, family and model number (the first processor's
+    block of /proc/cpuinfo)."""
+    out = {"cpu": platform.processor() or platform.machine()}
+    keys = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model"}
+    try:
+        block = open("/proc/cpuinfo").read().split("\n\n")[0]
+    except OSError:
+        return out
+    for line in block.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            out[keys[key.strip()]] = value.strip()
+    return out
+
+
 def main(models=None, repeats=5, warmup=2, threads=None, rounds=3, out_dir=RESULTS,
          peer: str = "torch") -> int:
-    """Run the suite against `peer` ("torch" or "user") and write its JSON and table."""
+    """Run the suite against `peer` ("torch": PyTorch and Keras 3 side by side, or "user")
+    and write its JSON and table."""
     import jax
 
     if peer not in ("torch", "user"):
         raise ValueError(f"peer={peer!r}; expected 'torch' or 'user'")
     threads = threads or os.cpu_count()
-    names = models or ([m for m, _, _ in SUITE] if peer == "torch" else list(USER_SUITE))
+    names = models or list(HEADLINE if peer == "torch" else USER_SUITE)
     unknown = [m for m in names if m not in {n for n, _, _ in SUITE}]
     if unknown:
         raise ValueError(f"models {unknown} are not in the suite; expected some of "
                          f"{[n for n, _, _ in SUITE]}")
     if rounds < 1:
         raise ValueError(f"rounds={rounds}: expected at least 1")
-    pair = ("jax", "torch") if peer == "torch" else ("user", "jax")
-    rows = run_suite(names, repeats, warmup, threads, rounds, pair)
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": platform.processor() or platform.machine(),
-            "threads": threads, "jax": jax.__version__, "repeats": repeats, "rounds": rounds}
+    sides = ("jax", "torch", "keras") if peer == "torch" else ("user", "jax")
+    rows = run_suite(names, repeats, warmup, threads, rounds, sides)
+    meta = {"date": time.strftime("%Y-%m-%d"), **_cpu(), "threads": threads,
+            "jax": jax.__version__, "repeats": repeats, "rounds": rounds}
     if peer == "torch":
-        import torch
+        from importlib.metadata import version
 
-        meta["torch"] = torch.__version__
-    try:
-        meta["cpu"] = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-                           if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        meta.update(torch=version("torch"), keras=version("keras"),
+                    keras_hub=version("keras-hub"))
     name = "cpu_vs_torch" if peer == "torch" else "user_vs_engine"
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    table = markdown(rows, meta, pair)
+    table = markdown(rows, meta, sides)
     with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(table)
     print(table)

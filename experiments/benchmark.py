@@ -1,7 +1,7 @@
 """Train-step throughput of a model under a parallel strategy, over a range of device counts.
 
     python -m experiments.benchmark --model cifar_resnet20 --parallel pmap --devices 1,2,4
-    python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch
+    python -m experiments.benchmark --against torch     # CPU speed suite vs PyTorch and Keras
     python -m experiments.benchmark --against user      # the engine's step vs a plain one
     python -m experiments.benchmark --input-pipeline    # JPEG input pipeline vs tf.data
     python -m experiments.benchmark --accelerator       # one GPU/TPU: train step vs PyTorch
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="cpu (forced host devices) or gpu (first N GPUs)")
     parser.add_argument("--output", default=None, help="JSON file (default under results/)")
     parser.add_argument("--against", choices=("torch", "user"), default=None,
-                        help="the CPU speed suite against PyTorch, or the engine's step against "
+                        help="the CPU speed suite against PyTorch and Keras 3 (JAX backend), or "
+                             "the engine's step against "
                              "a plain jax.jit + optax step with ops.cpu (benchmarks/speed_suite.py)")
     parser.add_argument("--models", default=None,
                         help="with --against or --accelerator: a subset of the models")

@@ -53,6 +53,7 @@ if [ "$ACCELERATOR" = cpu ] && [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; t
 fi
 if [ "${1:-}" = "test" ] || [ "${1:-}" = "tf" ]; then
   "$VENV/bin/python" -m pip install --quiet -r requirements-test.txt
+  "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-bench-nodeps.txt
 elif [ "${1:-}" = "test-no-torch" ]; then
   # (the other files it names, by absolute path: pip reads -r beside the file that has it)
   grep -v -E '^(torch|torchvision|timm)==|^-r requirements-bench.txt' requirements-test.txt \

@@ -355,9 +355,9 @@ def test_transfer(tmp_path):
 
 @pytest.mark.torch
 def test_against_torch(tmp_path):
-    pip, bench = command(".venv/bin/pip install -r requirements-bench.txt").split(" && ")
-    pip_args = shlex.split(pip)
-    run([sys.executable, "-m", "pip", *pip_args[1:]])
+    *pips, bench = command(".venv/bin/pip install -r requirements-bench.txt").split(" && ")
+    for pip in pips:
+        run([sys.executable, "-m", "pip", *shlex.split(pip)[1:]])
     run(argv(bench) + ["--models", "cifar_resnet20", "--repeats", "1", "--rounds", "1",
                        "--results-dir", str(tmp_path)])
     assert any(name.endswith(".json") for name in os.listdir(tmp_path))

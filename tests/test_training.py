@@ -487,6 +487,38 @@ def test_interrupted_and_resumed_run_ends_with_the_same_parameters(tmp_path, rea
     chex.assert_trees_all_close(states[0].batch_stats, states[1].batch_stats, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.torch
+def test_keras_peers_are_the_suites_nets_with_keras_hubs_resnet():
+    """The Keras side of the speed suite: every net has the zoo's trainable parameter count,
+    and ResNet-18 is keras-hub's own backbone (built by the suite's worker process, which
+    sets KERAS_BACKEND=jax; here in a subprocess for the same reason)."""
+    from benchmarks.speed_suite import SUITE
+    from resnet_jax.models import get_model
+
+    code = ("import json, numpy as np\n"
+            "from benchmarks.keras_peers import PEERS\n"
+            "from benchmarks.speed_suite import SUITE\n"
+            "from resnet_jax.models import get_spec\n"
+            "out = {}\n"
+            "for name, shape, _ in SUITE:\n"
+            "    m = PEERS[name][0](get_spec(name).num_classes, shape)\n"
+            "    out[name] = [sum(int(np.prod(w.shape)) for w in m.trainable_weights),\n"
+            "                 sorted({type(l).__module__.split('.')[0] for l in m.layers})]\n"
+            "print(json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, KERAS_BACKEND="jax",
+                                             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    keras_side = json.loads(proc.stdout.splitlines()[-1])
+    for name, shape, _ in SUITE:
+        variables = jax.eval_shape(lambda: get_model(name).init(
+            jax.random.key(0), np.zeros((1, *shape), np.float32)))
+        zoo = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+        assert keras_side[name][0] == zoo, name
+    assert "keras_hub" in keras_side["resnet18"][1]
+    assert "keras_hub" not in keras_side["cifar_resnet20"][1]
+
+
 @pytest.mark.slow
 @pytest.mark.torch
 def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
@@ -501,11 +533,17 @@ def test_speed_suite_against_torch_writes_rounds_and_ratios(tmp_path):
                            "--results-dir", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_vs_torch.json").read_text())
     (row,) = data["rows"]
-    assert row["jax"]["params"] == row["torch"]["params"] == 182_626
-    ratio = row["jax"]["train_images_per_s"] / row["torch"]["train_images_per_s"]
-    assert row["train_ratio"] == pytest.approx(ratio) and row["train_ratio_rounds"] == [row["train_ratio"]]
+    assert row["jax"]["params"] == row["torch"]["params"] == row["keras"]["params"] == 182_626
+    for peer in ("torch", "keras"):
+        ratio = row["jax"]["train_images_per_s"] / row[peer]["train_images_per_s"]
+        assert row["ratios"][peer]["train"] == pytest.approx(ratio)
+        assert row["ratios"][peer]["train_rounds"] == [row["ratios"][peer]["train"]]
+    assert row["train_ratio"] == row["ratios"]["torch"]["train"]
+    assert data["meta"]["cpu_family"] and data["meta"]["keras_hub"]
     table = (tmp_path / "cpu_vs_torch.md").read_text()
-    assert "| mnist_preact_resnet | 32 | 182,626 |" in table and "geometric mean" in table
+    assert "| mnist_preact_resnet | 32 | 182,626 |" in table
+    assert "ratio against torch: geometric mean" in table
+    assert "ratio against Keras: geometric mean" in table
     with pytest.raises(ValueError, match="not in the suite"):
         benchmark.main(["--against", "torch", "--models", "resnet9000", "--results-dir",
                         str(tmp_path)])
