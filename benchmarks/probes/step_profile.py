@@ -2,6 +2,8 @@
 step for one speed-suite model, its XLA:CPU thunks summed by kind over both threads.
 
     python -m benchmarks.probes.step_profile --model cifar_resnet56 [--steps 5] [--top 25]
+    python -m benchmarks.probes.step_profile --config fashion_mnist   # a config's model, batch,
+                                                                      # optimizer and CPU options
 
 Kinds: the oneDNN convolutions by handler (forward, input gradient, weight gradient), XLA's
 own convolutions and dots, and every fusion by its name with the trailing number dropped
@@ -51,7 +53,11 @@ def kind(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="cifar_resnet56")
+    parser.add_argument("--model", default="cifar_resnet56",
+                        help="a speed-suite model, at the suite's input and batch")
+    parser.add_argument("--config", default=None,
+                        help="a config (name or file) instead: its model, input, batch, "
+                             "optimizer and cpu_conv_dtype")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
@@ -60,17 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from benchmarks.speed_suite import SUITE
+    from resnet_jax.configs import load_config
     from resnet_jax.models import get_spec
     from resnet_jax.training import config, experiment
     from resnet_jax.training.durations import durations
     from resnet_jax.training.optim import make_optimizer
     from resnet_jax.training.state import create_train_state
 
-    experiment.apply_process_settings(config.base_config())
-    shape, batch = next((s, b) for m, s, b in SUITE if m == args.model)
-    spec = get_spec(args.model)
-    c = config.base_config()
-    c.model, c.schedule, c.momentum, c.batch_size = args.model, "constant", 0.9, batch
+    if args.config:
+        c = load_config(args.config)
+        spec = get_spec(c.model)
+        shape, batch, args.model = spec.input_shape, c.batch_size, c.model
+    else:
+        shape, batch = next((s, b) for m, s, b in SUITE if m == args.model)
+        spec = get_spec(args.model)
+        c = config.base_config()
+        c.model, c.schedule, c.momentum, c.batch_size = args.model, "constant", 0.9, batch
+    experiment.apply_process_settings(c)
     model = experiment.build_model(c, spec.num_classes)
     tx, schedule = make_optimizer(c, durations(c, 1000))
     state = jax.jit(create_train_state, static_argnums=(0, 1, 3))(model, tx, jax.random.key(0),

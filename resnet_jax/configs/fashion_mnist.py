@@ -1,6 +1,7 @@
 """The main job: a small residual net (ResNet-8) on real Fashion-MNIST, SGD with Nesterov
-momentum and a one-cycle schedule to 0.2, weight decay 5e-4, label smoothing 0.1, flips,
-8 epochs; convolutions with bfloat16 operands on CPUs that multiply them in hardware.
+momentum and a one-cycle schedule to 0.4, weight decay 5e-4, label smoothing 0.1, flips,
+8 epochs, predictions averaged over each image and its mirror; convolutions with bfloat16
+operands on CPUs that multiply them in hardware.
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
@@ -21,7 +22,10 @@ def get_config():
     c.num_epochs = 8
     c.optimizer = "sgd"
     c.nesterov = True
-    c.learning_rate = 0.2
+    # Peak rate 0.4: on 6,000 held-out training images, 93.56% against 0.2's 93.48% (4 seeds,
+    # means; 93.79% against 93.69% with flip-averaged predictions); label smoothing 0.2 and
+    # weight decay 1e-3 were worse (RESULTS.md).
+    c.learning_rate = 0.4
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.schedule = "onecycle"
@@ -35,6 +39,11 @@ def get_config():
     # with a warning on CPUs without AVX512-BF16 or AMX): 256.6 s and 93.29% against 322.5 s
     # and 93.22% with float32 on a family-25 EPYC (RESULTS.md).
     c.cpu_conv_dtype = "bfloat16"
+    # Predictions average each image's and its mirror image's class probabilities: on 6,000
+    # held-out training images (validation_split=0.1), +0.18 points over 8 runs (lr 0.2/0.4 x
+    # weight decay 5e-4/1e-3 x 2 seeds; every run gained 0.02-0.32), for one more forward
+    # pass per evaluation (RESULTS.md).
+    c.eval_flip = True
     # No decision is taken on held-out data (one-cycle, the last step is the model); the
     # test split is evaluated after each epoch for the curves only.
     c.test_every_period = True
