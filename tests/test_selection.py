@@ -230,6 +230,10 @@ def test_the_best_checkpoint_is_chosen_on_validation_and_the_test_split_read_onc
     assert val["count"] == 6000 and val["split_is"].startswith("0.1 of train held out")
     assert val["step"] == chosen["step"]
     assert evaluate_run(quiet, "test", "latest")["step"] == 24
+    # --flip / --no-flip on the same weights: the flip-averaged loss is another number
+    one, both = (evaluate_run(quiet, "validation", flip=f) for f in (False, True))
+    assert (one["flip"], both["flip"], val["flip"]) == (False, True, False)
+    assert one["loss"] == val["loss"] and both["loss"] != one["loss"]
 
 
 def test_the_plateau_schedule_cuts_on_validation_and_resumes_with_its_state(
