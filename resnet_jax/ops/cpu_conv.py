@@ -13,7 +13,7 @@ Three things made the train step slow on the CPU (docs/cpu_speed_log.md):
    backward pass passes its saved input and the output gradient through a conditional,
    a boundary XLA does not fuse across, so the transposes read materialized buffers.
 3. Eigen's convolutions themselves: at 16-64 channels they take 1.5-3x oneDNN's (PyTorch's
-   library). `conv_general_dilated` sends float32 convolutions with output maps of 7x7 and
+   library). `conv_general_dilated` sends float32 convolutions with output maps of 8x8 and
    more to oneDNN (`ops.dnnl_conv`, where its library is built); the rest stay XLA's
    (`xla_conv_general_dilated`), with the materialized weight gradient of point 2, and maps
    smaller than the kernel become one matmul (`im2col_conv`).
@@ -120,23 +120,17 @@ def _conv_general_dilated(
 
 
 def _onednn_pays(x_shape, w_shape, strides, pads, operands: str = "float32") -> bool:
-    """Whether oneDNN runs this convolution faster than XLA in a train step. float32 operands:
-    output maps of at least 7x7, strided 1x1 convolutions included; bfloat16 operands: any
-    map, but not a strided 1x1 convolution (XLA's is a strided slice and a matmul).
-    Measured in-step (cpu_speed_log.md sections 14 and 17): with oneDNN on every float32
-    convolution the ResNet-50 on 28x28 images (maps of 7x7 and less, 64-2048 channels) ran at
-    0.91x; from 7x7 up, strided 1x1 included, resnet18's step took 845-857 ms against
-    896-919 ms with the earlier 8x8 rule (XLA's Eigen contractions of its 7x7 stage, and their
-    transposes, went), the 28x28 ResNet-50's 218-239 ms against 225-267 ms; the CIFAR ResNets
-    (maps of 32x32 to 8x8) are unchanged."""
+    """Whether oneDNN runs this convolution faster than XLA in a train step: output maps of
+    at least 8x8 (any size with bfloat16 operands), and not a strided 1x1 convolution (XLA's
+    is a strided slice and a matmul).
+    Measured in-step (`python -m benchmarks.probes.ab_step --op conv`, cpu_speed_log.md section
+    14): with oneDNN on every convolution the ResNet-50 on 28x28 images (maps of 7x7 and
+    less, 64-2048 channels) ran at 0.91x, with this rule at 1.01x; the CIFAR ResNets (maps
+    of 32x32 to 8x8) at 1.43-1.45x either way."""
     out = [(x_shape[1 + d] + sum(pads[d]) - w_shape[d]) // strides[d] + 1 for d in range(2)]
-    if operands == "float32":
-        return min(out) >= MIN_FLOAT32_MAP
+    if min(out) < 8 and operands == "float32":
+        return False
     return w_shape[0] * w_shape[1] != 1 or tuple(strides) == (1, 1)
-
-
-# The smallest output map (height and width) on which float32 convolutions go to oneDNN.
-MIN_FLOAT32_MAP = 7
 
 
 def _smaller_than_kernel(x_shape, w_shape, strides, pads) -> bool:

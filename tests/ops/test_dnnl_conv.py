@@ -118,11 +118,9 @@ def test_resnet_jax_dnnl_0_keeps_xla_convolutions():
 @pytest.mark.parametrize("x_shape,w_shape,strides,onednn", [
     ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), True),     # 8x8 output
     ((2, 16, 16, 4), (3, 3, 4, 4), (2, 2), True),   # 8x8 output, strided
-    ((2, 7, 7, 4), (3, 3, 4, 4), (1, 1), True),     # 7x7 output
-    ((2, 6, 6, 4), (3, 3, 4, 4), (1, 1), False),    # 6x6 output: XLA's
+    ((2, 7, 7, 4), (3, 3, 4, 4), (1, 1), False),    # 7x7 output: XLA's
     ((2, 16, 16, 4), (1, 1, 4, 8), (1, 1), True),   # 1x1
-    ((2, 16, 16, 4), (1, 1, 4, 8), (2, 2), True),   # strided 1x1 (8x8 output)
-    ((2, 8, 8, 4), (1, 1, 4, 8), (2, 2), False),    # strided 1x1 to a 4x4 map: XLA's
+    ((2, 16, 16, 4), (1, 1, 4, 8), (2, 2), False),  # strided 1x1: XLA's
 ])
 def test_the_cpu_path_takes_onednn_where_it_pays(x_shape, w_shape, strides, onednn):
     def f(x, w):
