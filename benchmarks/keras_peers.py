@@ -125,15 +125,14 @@ def alexnet_owt(num_classes: int = 1000, shape=(224, 224, 3)):
     return keras.Model(inputs, L.Dense(num_classes)(x))
 
 
-# name -> (builder(num_classes, shape), how it relates to the zoo's net)
-NO_CIFAR = "written here (keras-hub has no CIFAR ResNet)"
+# name -> builder(num_classes, shape); keras-hub has no CIFAR ResNet, AlexNet or MNIST
+# pre-activation net, so those are the ones written here
 PEERS = {
-    "cifar_resnet20": (lambda nc, s: cifar(20, nc, s), NO_CIFAR),
-    "cifar_resnet56": (lambda nc, s: cifar(56, nc, s), NO_CIFAR),
-    "resnet18": (lambda nc, s: keras_hub_resnet((2, 2, 2, 2), "basic_block", nc, s),
-                 "keras-hub ResNetBackbone"),
-    "fashion_mnist_resnet50": (lambda nc, s: keras_hub_resnet((3, 4, 6, 3), "bottleneck_block",
-                                                              nc, s), "keras-hub ResNetBackbone"),
-    "mnist_preact_resnet": (lambda nc, s: mnist_preact(nc, s), "written here"),
-    "alexnet_owt": (lambda nc, s: alexnet_owt(nc, s), "written here (keras-hub has no AlexNet)"),
+    "cifar_resnet20": lambda nc, s: cifar(20, nc, s),
+    "cifar_resnet56": lambda nc, s: cifar(56, nc, s),
+    "resnet18": lambda nc, s: keras_hub_resnet((2, 2, 2, 2), "basic_block", nc, s),
+    "fashion_mnist_resnet50": lambda nc, s: keras_hub_resnet((3, 4, 6, 3), "bottleneck_block",
+                                                             nc, s),
+    "mnist_preact_resnet": mnist_preact,
+    "alexnet_owt": alexnet_owt,
 }

@@ -201,7 +201,7 @@ def run_keras(model_name, shape, batch, repeats, warmup) -> dict:
         raise RuntimeError(f"Keras runs on {keras.backend.backend()!r}; set KERAS_BACKEND=jax")
     keras.utils.set_random_seed(0)
     num_classes = get_spec(model_name).num_classes
-    model = PEERS[model_name][0](num_classes, shape)
+    model = PEERS[model_name](num_classes, shape)
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9, weight_decay=1e-4),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)

@@ -505,7 +505,7 @@ def test_keras_peers_are_the_suites_nets_with_keras_hubs_resnet():
             "from resnet_jax.models import get_spec\n"
             "out = {}\n"
             "for name, shape, _ in SUITE:\n"
-            "    m = PEERS[name][0](get_spec(name).num_classes, shape)\n"
+            "    m = PEERS[name](get_spec(name).num_classes, shape)\n"
             "    out[name] = [sum(int(np.prod(w.shape)) for w in m.trainable_weights),\n"
             "                 sorted({type(l).__module__.split('.')[0] for l in m.layers})]\n"
             "print(json.dumps(out))\n")
