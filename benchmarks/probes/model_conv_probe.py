@@ -19,8 +19,10 @@ def conv_shapes(model_name: str) -> list[tuple[tuple, int]]:
     """(x shape, w shape, strides, pads, groups) of each convolution the model's train step
     runs, with its count, as the CPU path's hook sees them."""
     import collections
+    import functools
 
     import jax
+    from flax import linen as nn
     from jax import lax
 
     from benchmarks.speed_suite import SUITE
@@ -40,7 +42,8 @@ def conv_shapes(model_name: str) -> list[tuple[tuple, int]]:
                                         rhs_dilation, dimension_numbers, feature_group_count)
 
     spec = get_spec(model_name)
-    model = get_model(model_name, num_classes=spec.num_classes, conv_general_dilated=hook)
+    conv = functools.partial(nn.Conv, conv_general_dilated=hook)
+    model = get_model(model_name, num_classes=spec.num_classes, conv=conv)
     x = jax.ShapeDtypeStruct((batch, *shape), jax.numpy.float32)
     jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return list(seen.items())

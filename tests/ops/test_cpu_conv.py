@@ -277,3 +277,13 @@ def test_bfloat16_convolutions_fall_back_to_float32_without_the_instructions(mon
         assert operands(cpu.layers("bfloat16")) == "float32"
     monkeypatch.setattr(dnnl_conv, "bf16_native", lambda: True)
     assert operands(cpu.layers("bfloat16")) == "bfloat16"
+
+
+def test_the_conv_probe_finds_every_convolution_of_a_model():
+    from benchmarks.probes.model_conv_probe import conv_shapes
+
+    shapes = dict(conv_shapes("cifar_resnet20"))
+    # the 3x3 stem and 9 basic blocks of two 3x3 convolutions; zero-padded shortcuts
+    assert sum(shapes.values()) == 19
+    assert shapes[((128, 32, 32, 16), (3, 3, 16, 16), (1, 1), ((1, 1), (1, 1)), 1)] == 6
+    assert shapes[((128, 32, 32, 16), (3, 3, 16, 32), (2, 2), ((1, 1), (1, 1)), 1)] == 1
