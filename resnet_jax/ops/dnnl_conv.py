@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("native") / "dnnl_conv.cc"
-LIBRARY = SOURCE.with_name("libresnet_jax_dnnl_conv.so")
+# RESNET_JAX_DNNL_LIBRARY=path loads another build of the same source instead (e.g. against
+# another oneDNN: benchmarks/probes/onednn_sid.py)
+LIBRARY = Path(os.environ.get("RESNET_JAX_DNNL_LIBRARY")
+               or SOURCE.with_name("libresnet_jax_dnnl_conv.so"))
 TARGETS = {"forward": "resnet_jax_dnnl_conv_forward",
            "backward_data": "resnet_jax_dnnl_conv_backward_data",
            "backward_weights": "resnet_jax_dnnl_conv_backward_weights"}
@@ -51,11 +54,13 @@ def _onednn_prefix() -> Path | None:
     return None
 
 
-def build(output: Path = LIBRARY, verbose: bool = False) -> Path:
+def build(output: Path = LIBRARY, verbose: bool = False, prefix: Path | None = None,
+          extra_sources: Sequence[Path] = ()) -> Path:
     """Compiles the FFI library into `output` (written to a temporary name and renamed, so
-    that concurrent builds never load a half-written file). Raises RuntimeError with the
-    compiler's message when it fails."""
-    prefix = _onednn_prefix()
+    that concurrent builds never load a half-written file) against the oneDNN under `prefix`
+    (include/, lib/; default: the installed wheel's), with `extra_sources` compiled in.
+    Raises RuntimeError with the compiler's message when it fails."""
+    prefix = prefix or _onednn_prefix()
     if prefix is None:
         raise RuntimeError("oneDNN not found: pip install onednn-cpu-gomp==2023.2.0 "
                            "onednn-devel-cpu-gomp==2023.2.0")
@@ -64,7 +69,7 @@ def build(output: Path = LIBRARY, verbose: bool = False) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-           str(SOURCE), "-o", tmp, f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}",
+           str(SOURCE), *map(str, extra_sources), "-o", tmp, f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}",
            f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
     if verbose:
         print(" ".join(cmd), flush=True)

@@ -115,6 +115,34 @@ def test_resnet_jax_dnnl_0_keeps_xla_convolutions():
     assert out.stdout.split() == ["False", "True"]
 
 
+def test_resnet_jax_dnnl_library_loads_another_build(tmp_path):
+    """A build of the same source elsewhere (as benchmarks/probes/onednn_sid.py makes against
+    another oneDNN) is what the process loads; a missing one falls back to XLA's."""
+    built = dnnl_conv.build(tmp_path / "other.so")
+    code = ("from resnet_jax.ops import dnnl_conv; print(dnnl_conv.available(), "
+            "any(l.rstrip().endswith('other.so') for l in open('/proc/self/maps')))")
+    for path, expected in ((built, ["True", "True"]), (tmp_path / "none.so", ["False", "False"])):
+        env = {**os.environ, "RESNET_JAX_DNNL_LIBRARY": str(path)}
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env,
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected, out.stderr
+
+
+def test_version_needs_are_marked_weak(tmp_path):
+    from benchmarks.probes.onednn_sid import weaken_version_needs
+
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(dnnl_conv.LIBRARY.read_bytes())
+    versions = subprocess.run(["readelf", "-V", str(lib)], capture_output=True, text=True,
+                              check=True).stdout
+    assert "Name: GLIBC_2.2.5  Flags: none" in versions
+    assert weaken_version_needs(lib, ("GLIBC_2.2.5", "GLIBC_9.99")) == ["GLIBC_2.2.5"]
+    versions = subprocess.run(["readelf", "-V", str(lib)], capture_output=True, text=True,
+                              check=True).stdout
+    assert "Name: GLIBC_2.2.5  Flags: WEAK" in versions
+    ctypes.cdll.LoadLibrary(str(lib))  # still loads
+
+
 @pytest.mark.parametrize("x_shape,w_shape,strides,onednn", [
     ((2, 8, 8, 4), (3, 3, 4, 4), (1, 1), True),     # 8x8 output
     ((2, 16, 16, 4), (3, 3, 4, 4), (2, 2), True),   # 8x8 output, strided
