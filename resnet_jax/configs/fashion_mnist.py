@@ -1,5 +1,5 @@
 """The main job: a small residual net (ResNet-8) on real Fashion-MNIST, SGD with Nesterov
-momentum and a one-cycle schedule to 0.4, weight decay 5e-4, label smoothing 0.1, flips,
+momentum and a one-cycle schedule to 0.2, weight decay 5e-4, label smoothing 0.1, flips,
 8 epochs, predictions averaged over each image and its mirror; convolutions with bfloat16
 operands on CPUs that multiply them in hardware.
 
@@ -23,10 +23,12 @@ def get_config():
     c.num_epochs = 8
     c.optimizer = "sgd"
     c.nesterov = True
-    # Peak rate 0.4: on 6,000 held-out training images, 93.56% against 0.2's 93.47% (4 seeds,
-    # means; 93.78% against 93.69% with flip-averaged predictions); label smoothing 0.2 and
-    # weight decay 1e-3 were worse (RESULTS.md).
-    c.learning_rate = 0.4
+    # Peak rate 0.2: on 6,000 held-out training images (flip-averaged predictions) 0.4 led by
+    # 0.09 points over seeds 0-3 and trailed by 0.07 over seeds 4-9: level over 10 seeds
+    # (93.83% both), so the rate stays where it was measured first. Label smoothing 0.2,
+    # weight decay 1e-3 and 2.5e-4 and zero-initialised residual branches were worse on the
+    # same images (RESULTS.md).
+    c.learning_rate = 0.2
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.schedule = "onecycle"
