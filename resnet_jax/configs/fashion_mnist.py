@@ -25,9 +25,9 @@ def get_config():
     c.nesterov = True
     # Peak rate 0.2: on 6,000 held-out training images (flip-averaged predictions) 0.4 led by
     # 0.10 points over seeds 0-3 and trailed by 0.07 over seeds 4-9: level over 10 seeds
-    # (93.833% against 93.832%), so the rate stays where it was measured first. Label smoothing 0.2,
-    # weight decay 1e-3 and 2.5e-4 and zero-initialised residual branches were worse on the
-    # same images (RESULTS.md).
+    # (93.833% against 93.832%), so the rate stays where it was measured first. Label
+    # smoothing 0.2, weight decay 1e-3 and 2.5e-4 and zero-initialised residual branches were
+    # worse on the same images (RESULTS.md).
     c.learning_rate = 0.2
     c.momentum = 0.9
     c.weight_decay = 5e-4

@@ -69,8 +69,8 @@ def build(output: Path = LIBRARY, verbose: bool = False, prefix: Path | None = N
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=output.parent)
     os.close(fd)
     cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w",
-           str(SOURCE), *map(str, extra_sources), "-o", tmp, f"-I{jax.ffi.include_dir()}", f"-I{prefix / 'include'}",
-           f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
+           str(SOURCE), *map(str, extra_sources), "-o", tmp, f"-I{jax.ffi.include_dir()}",
+           f"-I{prefix / 'include'}", f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-ldnnl"]
     if verbose:
         print(" ".join(cmd), flush=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
