@@ -288,3 +288,22 @@ def test_a_sweep_groups_its_runs_under_its_name(tmp_path):
     assert _grouped(c, str(tmp_path / "lr_sweep")).tracker_group == "lr_sweep"
     assert _grouped(with_overrides(c, tracker_group="mine"), "x").tracker_group == "mine"
     assert _grouped(load_config("fashion_mnist"), "x").tracker_group == ""  # TensorBoard only
+
+
+def test_the_tensorboard_writer_starts_without_torch_and_leaves_it_importable(tmp_path):
+    """tensorboardX imports PyTorch wherever it is installed (a second of every run's start);
+    the writer keeps it out, writes its events, and `import torch` works afterwards."""
+    code = (
+        "import glob, sys\n"
+        "from resnet_jax.training.metrics import MetricWriter\n"
+        f"w = MetricWriter({str(tmp_path)!r})\n"
+        "w.write({'step': 3, 'train_loss': 0.25}); w.close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        f"(events,) = glob.glob({str(tmp_path)!r} + '/tensorboard/events.out.tfevents.*')\n"
+        "assert b'train_loss' in open(events, 'rb').read()\n"
+        "import torch\n"
+        "print(float(torch.ones(3).sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "3.0"
