@@ -233,9 +233,15 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
     return out
 
 
-def _run_worker(framework, model_name, repeats, warmup, threads) -> dict:
+def _run_worker(framework, model_name, repeats, warmup, threads, env_changes=None) -> dict:
+    """`worker` in a fresh process; `env_changes`: variables to set there (None: unset)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                KERAS_BACKEND="jax")
+    for name, value in (env_changes or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     cmd = [sys.executable, "-m", "benchmarks.speed_suite", framework, model_name,
            str(repeats), str(warmup), str(threads)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)

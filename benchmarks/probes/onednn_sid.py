@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import statistics
 import struct
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -117,20 +115,12 @@ def prepare(out: Path) -> Path:
 
 
 def step_ms(model: str, library: Path | None, repeats: int) -> float:
-    """The suite's JAX train step for `model` in a fresh process, seconds -> ms."""
-    from benchmarks.speed_suite import ROOT
+    """The suite's JAX train step for `model` in a fresh process (with the FFI library at
+    `library`, else the wheel's build), seconds -> ms."""
+    from benchmarks.speed_suite import _run_worker
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()), PYTHONPATH=ROOT)
-    env.pop("RESNET_JAX_DNNL_LIBRARY", None)
-    if library:
-        env["RESNET_JAX_DNNL_LIBRARY"] = str(library)
-    cmd = [sys.executable, "-m", "benchmarks.speed_suite", "jax", model, str(repeats), "2",
-           str(os.cpu_count())]
-    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
-    if res.returncode or not line:
-        raise RuntimeError(f"{model} failed:\n{res.stderr[-3000:]}")
-    return json.loads(line[-1][7:])["train_step_s"] * 1e3
+    change = {"RESNET_JAX_DNNL_LIBRARY": str(library) if library else None}
+    return _run_worker("jax", model, repeats, 2, os.cpu_count(), change)["train_step_s"] * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
