@@ -220,3 +220,23 @@ def test_with_bfloat16_operands_onednn_takes_small_maps_too(x_shape, w_shape, st
     hlo = _targets(f, jnp.ones(x_shape), jnp.ones(w_shape))
     assert (dnnl_conv.TARGETS["forward"] in hlo) == onednn
     assert ("bf16" in hlo) == onednn
+
+
+def test_the_in_step_probe_sums_onednn_calls_per_primitive_and_shape():
+    from benchmarks.probes.in_step_calls import parse, table
+
+    shape = "mb8_ic16oc16_ih8oh8kh3sh1dh0ph1_iw8ow8kw3sw1dw0pw1"
+    line = ("onednn_verbose,exec,cpu,convolution,brgconv:avx512_core,forward_training,"
+            "src_f32::blocked:acdb::f0 dst_f32::blocked:acdb::f0,attr-scratchpad:user ,"
+            "alg:convolution_direct,{},{}")
+    lines = [line.format(shape, ms) for ms in (1.0, 3.0, 2.0)] + [
+        "onednn_verbose,info,prim_template:operation,engine,primitive,implementation",
+        "onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_f32 dst_f32,,,16x16x3x3,0.5"]
+    calls = parse(lines)
+    assert calls[("convolution", "brgconv:avx512_core", "forward_training", shape)] == [
+        1.0, 3.0, 2.0]
+    conv, reorder = table(calls, steps=2)  # the larger share first
+    assert conv["calls_per_step"] == 1.5 and conv["ms_per_step"] == 3.0
+    assert conv["fastest_ms"] == 1.0 and conv["median_ms"] == 2.0
+    assert conv["excess_ms_per_step"] == 1.5  # (6 - 3 x 1.0) / 2
+    assert reorder["shape"] == "16x16x3x3" and reorder["ms_per_step"] == 0.25
