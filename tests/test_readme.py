@@ -358,16 +358,38 @@ def test_against_torch(tmp_path):
     *pips, bench = command(".venv/bin/pip install -r requirements-bench.txt").split(" && ")
     for pip in pips:
         run([sys.executable, "-m", "pip", *shlex.split(pip)[1:]])
-    run(argv(bench) + ["--models", "cifar_resnet20", "--repeats", "1", "--rounds", "1",
+    # the suite's smallest model, one round: JSON and table written, equal parameter counts,
+    # ratio = resnet_jax / peer throughput
+    run(argv(bench) + ["--models", "mnist_preact_resnet", "--repeats", "1", "--rounds", "1",
                        "--results-dir", str(tmp_path)])
-    assert any(name.endswith(".json") for name in os.listdir(tmp_path))
+    data = json.loads((tmp_path / "cpu_vs_torch.json").read_text())
+    (row,) = data["rows"]
+    assert row["jax"]["params"] == row["torch"]["params"] == row["keras"]["params"] == 182_626
+    for peer in ("torch", "keras"):
+        ratio = row["jax"]["train_images_per_s"] / row[peer]["train_images_per_s"]
+        assert row["ratios"][peer]["train"] == pytest.approx(ratio)
+        assert row["ratios"][peer]["train_rounds"] == [row["ratios"][peer]["train"]]
+    assert row["train_ratio"] == row["ratios"]["torch"]["train"]
+    assert data["meta"]["cpu_family"] and data["meta"]["keras_hub"]
+    table = (tmp_path / "cpu_vs_torch.md").read_text()
+    assert "| mnist_preact_resnet | 32 | 182,626 |" in table
+    assert "ratio against torch: geometric mean" in table
+    assert "ratio against Keras: geometric mean" in table
 
 
 def test_against_user(tmp_path):
+    """A train step written outside the library (`ops.cpu.layers()`, `jit_options()`) against
+    the engine's: both sides written, side by side, with their ratio."""
     run(argv(command(".venv/bin/python -m experiments.benchmark --against user"))
         + ["--models", "cifar_resnet20", "--repeats", "1", "--rounds", "1", "--results-dir",
            str(tmp_path)])
-    assert os.listdir(tmp_path)
+    data = json.loads((tmp_path / "user_vs_engine.json").read_text())
+    (row,) = data["rows"]
+    assert row["user"]["params"] == row["jax"]["params"] == 269_722
+    ratio = row["user"]["train_images_per_s"] / row["jax"]["train_images_per_s"]
+    assert row["train_ratio"] == pytest.approx(ratio)
+    table = (tmp_path / "user_vs_engine.md").read_text()
+    assert "| cifar_resnet20 | 128 | 269,722 |" in table and "ratio = user / engine" in table
 
 
 @pytest.mark.slow

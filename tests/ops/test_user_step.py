@@ -1,15 +1,12 @@
 """A train step written outside the library with `ops.cpu.layers()` and
-`ops.cpu.jit_options()`: it compiles to the oneDNN calls, and the benchmark that compares it
-with the engine's step writes both, side by side."""
+`ops.cpu.jit_options()` compiles to the oneDNN calls (the benchmark that compares it with the
+engine's step: tests/test_readme.py::test_against_user)."""
 
 from __future__ import annotations
-
-import json
 
 import jax
 import jax.numpy as jnp
 import optax
-import pytest
 
 from resnet_jax import get_model
 from resnet_jax.ops import cpu, dnnl_conv
@@ -29,18 +26,3 @@ def test_a_users_step_with_the_cpu_layers_calls_the_kernels():
         variables["params"]).as_text()
     for target in dnnl_conv.TARGETS.values():
         assert target in hlo
-
-
-@pytest.mark.slow
-def test_the_user_step_benchmark_writes_both_sides_and_their_ratio(tmp_path):
-    from experiments import benchmark
-
-    assert benchmark.main(["--against", "user", "--models", "cifar_resnet20", "--repeats", "1",
-                           "--rounds", "1", "--results-dir", str(tmp_path)]) == 0
-    data = json.loads((tmp_path / "user_vs_engine.json").read_text())
-    (row,) = data["rows"]
-    assert row["user"]["params"] == row["jax"]["params"] == 269_722
-    ratio = row["user"]["train_images_per_s"] / row["jax"]["train_images_per_s"]
-    assert row["train_ratio"] == pytest.approx(ratio)
-    table = (tmp_path / "user_vs_engine.md").read_text()
-    assert "| cifar_resnet20 | 128 | 269,722 |" in table and "ratio = user / engine" in table
