@@ -109,7 +109,8 @@ def test_the_profile_window_is_on_disk_with_the_train_step_and_the_wait(slow_run
 def test_the_compiled_steps_are_cached_where_the_config_says(slow_run):
     _, _, cache = slow_run
     assert len(os.listdir(cache)) >= 2  # the train and eval steps at least
-    assert compilation_cache.resolve("") == ""
+    assert compilation_cache.resolve("") == compilation_cache.resolve("off") == ""
+    assert compilation_cache.resolve("./off") == os.path.abspath("off")
     assert compilation_cache.resolve("~/x") == os.path.join(os.path.expanduser("~"), "x")
     assert compilation_cache.resolve("auto") == os.environ["JAX_COMPILATION_CACHE_DIR"]
 

@@ -20,17 +20,21 @@ def default_dir() -> str:
     return os.path.join(base, "resnet_jax", "jax")
 
 
+OFF = ("", "off")  # the settings that turn the cache off ("off" is no directory name here)
+
+
 def resolve(setting: str) -> str:
     """The directory that `compilation_cache` = `setting` names ('' when off): "auto" is
-    $JAX_COMPILATION_CACHE_DIR where that is set, else `default_dir()`; a path is itself."""
+    $JAX_COMPILATION_CACHE_DIR where that is set, else `default_dir()`; '' and "off" are
+    off; a path is itself (`./off` for a directory of that name)."""
     if setting == "auto":
         return os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
-    return os.path.abspath(os.path.expanduser(setting)) if setting else ""
+    return "" if setting in OFF else os.path.abspath(os.path.expanduser(setting))
 
 
 def configure(setting: str) -> str:
     """Point jax's persistent compilation cache at `resolve(setting)` (or turn it off for
-    ''); returns the directory. Takes effect for this process's later compilations."""
+    '' or "off"); returns the directory. Takes effect for this process's later compilations."""
     from jax.experimental.compilation_cache import compilation_cache as cache
 
     path = resolve(setting)
@@ -45,8 +49,8 @@ def configure(setting: str) -> str:
             os.makedirs(path, exist_ok=True)
         except OSError as err:
             raise ValueError(f"compilation_cache={setting!r}: cannot create {path} ({err}); "
-                             f"set --config.compilation_cache to a writable directory, or '' "
-                             f"for none") from err
+                             f"set --config.compilation_cache to a writable directory, or "
+                             f"'off'") from err
         jax.config.update("jax_enable_compilation_cache", True)
         cache.set_cache_dir(path)
         if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

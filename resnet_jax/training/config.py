@@ -283,7 +283,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "tracker_name": Field("", "the tracked run's name ('': the workdir's name)"),
         "compilation_cache": Field("auto", "jax's persistent compilation cache: 'auto' "
                                            "($JAX_COMPILATION_CACHE_DIR, else "
-                                           "~/.cache/resnet_jax/jax), a directory, or '' (off)"),
+                                           "~/.cache/resnet_jax/jax), a directory, or 'off' "
+                                           "(or '')"),
     },
 }
 
