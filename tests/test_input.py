@@ -172,6 +172,55 @@ def test_pad_crop_flip_on_decoded_images_equals_it_on_the_same_images_in_memory(
     np.testing.assert_array_equal(whole["image"], arrays["val"][0])
 
 
+def _mirrored_per_epoch(batches, n: int, epochs: int, per_epoch: int) -> list[dict]:
+    """{image id: mirrored} per epoch, for images carrying their id + 1 in the left column."""
+    seen = []
+    for _ in range(epochs):
+        epoch = {}
+        for _ in range(per_epoch):
+            images = next(batches)["image"][..., 0]
+            mirrored = images[:, :, -1].any(axis=1)
+            ids = np.where(mirrored, images[:, 0, -1], images[:, 0, 0]).astype(int) - 1
+            epoch.update(zip(ids.tolist(), mirrored.tolist()))
+        assert sorted(epoch) == list(range(n))  # every image once an epoch
+        seen.append(epoch)
+    return seen
+
+
+def test_alternate_flips_mirror_each_image_in_exactly_one_of_two_epochs_running():
+    from types import SimpleNamespace
+
+    from resnet_jax.data import pipeline
+    from resnet_jax.data.order import TrainPositions
+    from resnet_jax.data.sources import DATASETS, ArraySource
+
+    n, batch = 96, 16
+    images = np.zeros((n, 28, 28, 1), np.uint8)
+    images[:, :, 0, 0] = np.arange(1, n + 1)[:, None]
+    source, info = ArraySource(images, np.arange(n, dtype=np.int32) % 10), DATASETS["fashion_mnist"]
+    alternating = _mirrored_per_epoch(pipeline.train_batches(
+        source, info, pipeline.TrainInput(batch, 3, augment="flip", alternate_flips=True)),
+        n, 3, n // batch)
+    assert 0.3 < np.mean(list(alternating[0].values())) < 0.7  # a random half first
+    assert all(alternating[0][i] != alternating[1][i] for i in range(n))  # then the other
+    assert alternating[2] == alternating[0]
+    drawn = _mirrored_per_epoch(pipeline.train_batches(
+        source, info, pipeline.TrainInput(batch, 3, augment="flip")), n, 2, n // batch)
+    assert any(drawn[0][i] == drawn[1][i] for i in range(n))  # by default drawn anew
+    # the run's config reaches the pipeline
+    c = base_config()
+    c.alternate_flips = True
+    exp = SimpleNamespace(config=c, image_shape=(28, 28, 1),
+                          durations=SimpleNamespace(total_steps=10))
+    assert experiment.train_input(exp).alternate_flips
+    with pytest.raises(ValueError, match=r"alternate_flips with augment='none': it alternates "
+                                         r"the mirroring of 'flip' and 'crop_flip'"):
+        pipeline.train_batches(source, info, pipeline.TrainInput(batch, 3, augment="none",
+                                                                 alternate_flips=True))
+    with pytest.raises(ValueError, match=r"alternate_flips with num_repeats=2"):
+        TrainPositions(n, batch, batch, 0, 3, 0, repeats=2, alternate_flips=True)
+
+
 def test_the_inception_crop_works_on_in_memory_images():
     from resnet_jax.data import pipeline
     from resnet_jax.data.sources import DATASETS, ArraySource

@@ -256,6 +256,21 @@ def test_cosine_schedule_warms_up_linearly_then_decays():
     assert float(schedule(29)) < 0.01
 
 
+def test_onecycle_rises_and_falls_on_cosines_as_optax_or_on_straight_lines():
+    c = _opt_config(schedule="onecycle", learning_rate=0.2, num_epochs=8)
+    _, cosine = make_optimizer(c, durations(c, 10))  # 80 steps, the peak at step 20
+    steps = np.arange(85)
+    np.testing.assert_array_equal(jax.vmap(cosine)(steps),
+                                  jax.vmap(optax.cosine_onecycle_schedule(80, 0.2, 0.25))(steps))
+    c.onecycle_anneal = "linear"
+    _, linear = make_optimizer(c, durations(c, 10))
+    # 0.2 / 25 at the start, the peak after a quarter, half-way down after five eighths,
+    # 0.2 / 25 / 1e4 at the end
+    np.testing.assert_allclose([linear(s) for s in (0, 10, 20, 50, 80)],
+                               [0.008, 0.104, 0.2, 0.1, 8e-7], rtol=1e-5)
+    assert float(linear(65)) > float(cosine(65))  # the straight line lies above the cosine
+
+
 def test_weight_decay_is_masked_to_kernels_and_l2_differs_from_decoupled():
     params = {"conv": {"kernel": jnp.ones((2, 2))}, "bn": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
     assert kernel_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False, "bias": False}}

@@ -6,12 +6,17 @@ slice of it; the random draws of a step's augmentation come from
 `default_rng([seed, e, s_in_epoch, 1])` for the whole global batch, so they depend neither on
 how the batch is split across processes nor on the number of worker processes nor on where a
 run was resumed. Each process keeps only its own contiguous part of every global batch.
-Evaluation walks the split once in order; the last batch is padded and carries a mask.
+With `alternate_flips`, an image's mirroring is no longer drawn anew: a random half of the
+split (chosen by the seed) is mirrored in even epochs and the other half in odd ones, so that
+every image is seen both ways in any two epochs running (Jordan 2024, "94% on CIFAR-10 in
+3.29 seconds on a single GPU", arXiv:2404.00498). Evaluation walks the split once in order;
+the last batch is padded and carries a mask.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -44,7 +49,9 @@ class TrainPositions:
     each global batch holds m = ceil(B/r) images of the epoch's permutation, each r times (the
     last copies cut where r does not divide B), at places m apart, so that its copies fall
     on different devices (all of them when there are at least r), each copy with its own
-    random draws. An epoch keeps its number of steps and sees about 1/r of its permutation."""
+    random draws. An epoch keeps its number of steps and sees about 1/r of its permutation.
+    `alternate_flips`: example i is mirrored in epoch e when `first_flips[i]` differs from
+    e's parity (the module's docstring); the other draws stay as they were."""
 
     num_examples: int
     global_batch: int
@@ -53,12 +60,27 @@ class TrainPositions:
     seed: int
     pad: int  # pad-and-crop margin of in-memory images (0: none)
     repeats: int = 1
+    alternate_flips: bool = False
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not 1 <= self.repeats <= self.global_batch:
             raise ValueError(f"num_repeats={self.repeats}: expected 1 to the global batch "
                              f"{self.global_batch}")
+        if self.alternate_flips and self.repeats > 1:
+            raise ValueError(f"alternate_flips with num_repeats={self.repeats}: the copies of "
+                             "an image in a batch would all be mirrored alike; use one or the "
+                             "other")
+
+    @functools.cached_property
+    def first_flips(self) -> np.ndarray:
+        """Which examples alternating flips mirror in even epochs."""
+        return np.random.default_rng([self.seed, 2]).random(self.num_examples) < 0.5
+
+    def _flips(self, epoch: int, indices: np.ndarray, drawn: np.ndarray) -> np.ndarray:
+        if not self.alternate_flips:
+            return drawn
+        return self.first_flips[indices] != bool(epoch % 2)
 
     def _epoch(self, epoch: int) -> np.ndarray:
         key = ("perm", epoch)
@@ -92,7 +114,8 @@ class TrainPositions:
                       (self.process_index + 1) * self.local_batch)
         offsets, flips, seeds = self._draws(epoch, batch)
         order = self._epoch(epoch)[batch * self.global_batch:(batch + 1) * self.global_batch]
-        return order[place], offsets[place], flips[place], seeds[place]
+        return (order[place], offsets[place], self._flips(epoch, order[place], flips[place]),
+                seeds[place])
 
     def __call__(self, j: int) -> dict[str, Any]:
         spe = self.num_examples // self.global_batch
@@ -100,8 +123,9 @@ class TrainPositions:
         epoch, batch = divmod(step, spe)
         place = self.process_index * self.local_batch + k
         offsets, flips, seeds = self._draws(epoch, batch)
-        return {"index": int(self._epoch(epoch)[batch * self.global_batch + place]),
-                "offset": offsets[place], "flip": bool(flips[place]), "seed": int(seeds[place])}
+        index = self._epoch(epoch)[batch * self.global_batch + place]
+        return {"index": int(index), "offset": offsets[place],
+                "flip": bool(self._flips(epoch, index, flips[place])), "seed": int(seeds[place])}
 
 
 @dataclasses.dataclass

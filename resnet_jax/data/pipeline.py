@@ -51,7 +51,8 @@ class _Input:
 class TrainInput(_Input):
     """The training batches: `augment` (None: the dataset's own), then each image's automatic
     augmentation `policy` ('rand_augment': `policy_ops` operations at bin `policy_magnitude`
-    of 31; 'trivial_augment_wide'); `repeats` > 1: repeated augmentation
+    of 31; 'trivial_augment_wide'); `repeats` > 1: repeated augmentation;
+    `alternate_flips`: 'flip' and 'crop_flip' mirror each image every other epoch
     (`order.TrainPositions`). Endless unless `end_step` is given."""
 
     seed: int
@@ -61,6 +62,7 @@ class TrainInput(_Input):
     policy_ops: int = 2
     policy_magnitude: int = 9
     repeats: int = 1
+    alternate_flips: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +83,14 @@ def train_batches(source, info: DatasetInfo, options: TrainInput, start_step: in
     augment = info.augment if o.augment is None else o.augment
     if augment not in transforms.AUGMENTATIONS:
         raise ValueError(f"augment={augment!r}; expected one of {transforms.AUGMENTATIONS}")
+    if o.alternate_flips and augment not in ("flip", "crop_flip"):
+        raise ValueError(f"alternate_flips with augment={augment!r}: it alternates the "
+                         "mirroring of 'flip' and 'crop_flip'")
     order.steps_per_epoch(len(source), o.global_batch)  # at least one full batch
     local = order.local_batch(o.global_batch, o.process_count)
     positions = order.TrainPositions(
         len(source), o.global_batch, local, o.process_index, o.seed,
-        _pad(info, o.image_size) if augment == "crop_flip" else 0, o.repeats)
+        _pad(info, o.image_size) if augment == "crop_flip" else 0, o.repeats, o.alternate_flips)
     ops = transforms.ImageOps(o.policy, o.policy_ops, o.policy_magnitude)
     if isinstance(source, ArraySource):
         per_step = ArrayBatch(positions, source, augment, _pad(info), ops)

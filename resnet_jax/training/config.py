@@ -114,6 +114,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                    "else bilinear", ("",) + INTERPOLATIONS),
         "augment": Field("", "train augmentation; '': the dataset's default",
                          ("",) + AUGMENTATIONS),
+        "alternate_flips": Field(False, "'flip'/'crop_flip' mirror a random half of the "
+                                        "images in even epochs and the other half in odd "
+                                        "ones (Jordan 2024); False: each flip drawn anew"),
         "channels": Field(0, "0: the dataset's; 3: grayscale repeated to RGB", (0, 1, 3)),
         "random_erasing": Field(0.0, "probability per training image of erasing a random "
                                      "rectangle (2-40% of the area) with random values "
@@ -193,6 +196,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "onecycle_div_factor": Field(25.0, "onecycle: peak / initial rate", bounds="> 0"),
         "onecycle_final_div_factor": Field(1e4, "onecycle: initial / final rate",
                                            bounds="> 0"),
+        "onecycle_anneal": Field("cos", "onecycle: how the rate rises and falls, 'cos' or "
+                                        "'linear' (as PyTorch's OneCycleLR anneal_strategy)",
+                                 ("cos", "linear")),
         "plateau_monitor": Field("val_loss", "plateau: the validation metric watched after "
                                              "each period (val_loss, val_accuracy, "
                                              "val_top5_accuracy, val_ema_*)"),

@@ -326,7 +326,7 @@ def train_input(exp: Experiment) -> pipeline.TrainInput:
         channels=exp.image_shape[-1], end_step=exp.durations.total_steps,
         policy=c.auto_augment, policy_ops=c.rand_augment_num_ops,
         policy_magnitude=c.rand_augment_magnitude, interpolation=c.interpolation or "bilinear",
-        repeats=c.num_repeats)
+        repeats=c.num_repeats, alternate_flips=c.alternate_flips)
 
 
 def eval_input(config: ml_collections.ConfigDict, batch_size: int) -> pipeline.EvalInput:

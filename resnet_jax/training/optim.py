@@ -41,12 +41,12 @@ def make_schedule(config, d: Durations) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(
             config.warmup_init_fraction * lr, lr, warmup, max(d.total_steps, warmup + 1),
             end_value=config.cosine_end_fraction * lr)
-    if kind == "onecycle":
-        return optax.cosine_onecycle_schedule(
-            d.total_steps, lr, pct_start=config.onecycle_pct_start,
-            div_factor=config.onecycle_div_factor,
-            final_div_factor=config.onecycle_final_div_factor,
-        )
+    if kind == "onecycle":  # optax's cosine_onecycle_schedule, either interpolation
+        div, total = config.onecycle_div_factor, d.total_steps
+        return optax.piecewise_interpolate_schedule(
+            {"cos": "cosine", "linear": "linear"}[config.onecycle_anneal], lr / div,
+            {int(config.onecycle_pct_start * total): div,
+             int(total): 1.0 / (div * config.onecycle_final_div_factor)})
     raise ValueError(f"schedule={kind!r}; expected one of {SCHEDULES}")
 
 
