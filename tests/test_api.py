@@ -35,7 +35,7 @@ def test_load_config_by_name_or_path_with_overrides():
     by_name = load_config("fashion_mnist", num_epochs=3, augment="none")
     by_path = load_config(os.path.join(ROOT, "experiments", "configs", "fashion_mnist.py"))
     assert by_name.num_epochs == 3 and by_name.augment == "none"
-    assert by_path.model == by_name.model == "fashion_mnist_resnet8" and by_path.num_epochs == 8
+    assert by_path.model == by_name.model == "fashion_mnist_resnet8" and by_path.num_epochs == 9
 
 
 @pytest.mark.parametrize("call, message", [

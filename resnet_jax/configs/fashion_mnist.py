@@ -1,7 +1,7 @@
 """The main job: a small residual net (ResNet-8) on real Fashion-MNIST, SGD with Nesterov
 momentum and a one-cycle schedule to 0.2, weight decay 5e-4, label smoothing 0.1, flips,
-8 epochs, predictions averaged over each image and its mirror; convolutions with bfloat16
-operands on CPUs that multiply them in hardware.
+9 epochs, predictions averaged over each image and its mirror, the test split evaluated once
+at the end; convolutions with bfloat16 operands on CPUs that multiply them in hardware.
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
@@ -20,7 +20,10 @@ def get_config():
     c.model = "fashion_mnist_resnet8"
     c.dataset = "fashion_mnist"
     c.batch_size = 128
-    c.num_epochs = 8
+    # 9 epochs: on 6,000 held-out training images, 94.038% against 8 epochs' 93.927% over
+    # seeds 4-9 (RESULTS.md); the time of the ninth comes from evaluating the test split once
+    # instead of after every epoch (loops 94.2/95.5 s against 92.8/93.3 s, run in turn)
+    c.num_epochs = 9
     c.optimizer = "sgd"
     c.nesterov = True
     # Peak rate 0.2: on 6,000 held-out training images (flip-averaged predictions) 0.4 led by
@@ -32,7 +35,7 @@ def get_config():
     c.momentum = 0.9
     c.weight_decay = 5e-4
     c.schedule = "onecycle"
-    # Flips only: with 8 epochs this small net underfits, and pad-and-crop cost accuracy
+    # Flips only: with 8-9 epochs this small net underfits, and pad-and-crop cost accuracy
     # (92.4% after 10 epochs with crops against 93.1% after 8 without, see RESULTS.md).
     c.augment = "flip"
     # Label smoothing 0.1 (Szegedy et al. 2016): 93.22% against 92.92% without it, same
@@ -47,6 +50,7 @@ def get_config():
     # gained, 0.02-0.40), for one more forward pass per evaluation (RESULTS.md).
     c.eval_flip = True
     # No decision is taken on held-out data (one-cycle, the last step is the model); the
-    # test split is evaluated after each epoch for the curves only.
-    c.test_every_period = True
+    # test split is evaluated once, after the last step (each evaluation of it took about
+    # 0.9 s, a tenth of an epoch's training); --config.test_every_period=True draws its curve.
+    c.test_every_period = False
     return c
