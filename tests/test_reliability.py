@@ -49,6 +49,9 @@ def cli_args(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
                 "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "seed",
                 "data_workers"):
         args.append(f"--config.{key}={c[key]}")
+    # a test record every period, which the tests that read the records were written for (the
+    # main job evaluates the test split once, at the end)
+    args.append("--config.test_every_period=True")
     return args
 
 

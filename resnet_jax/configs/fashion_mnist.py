@@ -5,11 +5,10 @@ at the end; convolutions with bfloat16 operands on CPUs that multiply them in ha
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
-Expected: about 93.4% test accuracy (93.400 ± 0.075% over seeds 0-4, measured on
-2026-12-06 with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 83-94
-s) in 1.5-5 minutes of training on a 2-core CPU, depending on the CPU and the VM's speed
-that day (RESULTS.md), against the 91.3-91.4% of the seed article's ResNet-50 after 400
-epochs.
+Expected: 93.4-93.5% test accuracy (93.480 ± 0.035% over seeds 0-4, measured on 2026-12-07
+with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 93-99 s) in
+1.5-5 minutes of training on a 2-core CPU, depending on the CPU and the VM's speed that day
+(RESULTS.md), against the 91.3-91.4% of the seed article's ResNet-50 after 400 epochs.
 """
 
 from resnet_jax.training.config import base_config
