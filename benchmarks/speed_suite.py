@@ -233,8 +233,9 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
     return out
 
 
-def _run_worker(framework, model_name, repeats, warmup, threads, env_changes=None) -> dict:
-    """`worker` in a fresh process; `env_changes`: variables to set there (None: unset)."""
+def worker_output(framework, model_name, repeats, warmup, threads, env_changes=None) -> str:
+    """The stdout of `worker` in a fresh process, which ends with its RESULT line;
+    `env_changes`: variables to set there (None: unset)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                KERAS_BACKEND="jax")
     for name, value in (env_changes or {}).items():
@@ -245,9 +246,15 @@ def _run_worker(framework, model_name, repeats, warmup, threads, env_changes=Non
     cmd = [sys.executable, "-m", "benchmarks.speed_suite", framework, model_name,
            str(repeats), str(warmup), str(threads)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-    if out.returncode or not line:
+    if out.returncode or "\nRESULT " not in "\n" + out.stdout:
         raise RuntimeError(f"{framework} {model_name} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def _run_worker(framework, model_name, repeats, warmup, threads, env_changes=None) -> dict:
+    """`worker`'s record, from a fresh process (`worker_output`)."""
+    stdout = worker_output(framework, model_name, repeats, warmup, threads, env_changes)
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     return json.loads(line[-1][7:])
 
 

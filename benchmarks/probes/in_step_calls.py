@@ -21,7 +21,6 @@ import argparse
 import collections
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -49,16 +48,11 @@ def table(calls, steps: int) -> list[dict]:
 
 
 def verbose_run(model: str, repeats: int, warmup: int) -> list[str]:
-    from benchmarks.speed_suite import ROOT
+    """The lines the speed suite's JAX worker prints for `model` under ONEDNN_VERBOSE=1."""
+    from benchmarks.speed_suite import worker_output
 
-    env = dict(os.environ, ONEDNN_VERBOSE="1", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               OMP_NUM_THREADS=str(os.cpu_count()))
-    out = subprocess.run([sys.executable, "-m", "benchmarks.speed_suite", "jax", model,
-                          str(repeats), str(warmup), str(os.cpu_count())],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return out.stdout.splitlines()
+    return worker_output("jax", model, repeats, warmup, os.cpu_count(),
+                         {"ONEDNN_VERBOSE": "1"}).splitlines()
 
 
 def _median_ms(call, operands, keep: bool, n: int = 48) -> float:
@@ -100,7 +94,7 @@ def cold_operands(batch: int, size: int, channels: int) -> dict[str, dict[str, f
     out = {}
     for side, call, many in (("resnet_jax", jax_call, xs), ("torch", torch_call, ts)):
         call(many[0])
-        out[side] = {mode: _median_ms(call, many if "in" in mode or mode == "cold_both"
+        out[side] = {mode: _median_ms(call, many if mode in ("cold_in", "cold_both")
                                       else many[:1], keep=mode in ("cold_out", "cold_both"))
                      for mode in MODES}
     return out
