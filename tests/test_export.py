@@ -57,12 +57,13 @@ print(json.dumps({"resnet_jax": any(m.split(".")[0] == "resnet_jax" for m in sys
 def family_run(name: str, workdir: str, eval_flip: bool = False) -> Run:
     """A run of `name` as `Run.load` would give it, with random weights (nothing trained),
     evaluating with the project's CPU kernels in float32 (the export is float32 on XLA's
-    own operations; a run with bfloat16 convolutions differs from it by their rounding)."""
+    own operations; a run with bfloat16 convolutions differs from it by their rounding).
+    `eval_flip` brings the main job's test-time views: mirrors and one-pixel shifts."""
     dataset, size, overrides = FAMILIES[name]
     config = load_config("fashion_mnist", model=name, dataset=dataset, image_size=size,
                          eval_image_size=size, model_overrides=overrides, num_classes=10,
-                         eval_flip=eval_flip, eval_batch_size=8, cpu_kernels=True,
-                         cpu_conv_dtype="float32")
+                         eval_flip=eval_flip, eval_shift=int(eval_flip), eval_batch_size=8,
+                         cpu_kernels=True, cpu_conv_dtype="float32")
     model = experiment.build_model(config, 10)
     shape = experiment.image_shape(config)
     variables = randomized(cheap_variables(model, shape), seed=0)

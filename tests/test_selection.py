@@ -234,6 +234,12 @@ def test_the_best_checkpoint_is_chosen_on_validation_and_the_test_split_read_onc
     one, both = (evaluate_run(quiet, "validation", flip=f) for f in (False, True))
     assert (one["flip"], both["flip"], val["flip"]) == (False, True, False)
     assert one["loss"] == val["loss"] and both["loss"] != one["loss"]
+    # --shift N adds the views moved N pixels, whatever the run's eval_shift; --shift 0: none
+    moved = evaluate_run(quiet, "validation", flip=True, shift=1)
+    assert (moved["shift"], val["shift"]) == (1, 0) and moved["loss"] != both["loss"]
+    assert evaluate_run(quiet, "validation", flip=True, shift=0)["loss"] == both["loss"]
+    with pytest.raises(ValueError, match="shift must be 0 .* got -1"):
+        evaluate_run(quiet, "validation", shift=-1)
 
 
 def test_the_plateau_schedule_cuts_on_validation_and_resumes_with_its_state(

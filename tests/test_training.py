@@ -424,6 +424,53 @@ def test_eval_flip_averages_the_probabilities_of_each_image_and_its_mirror():
     assert float(flipped["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
+def test_eval_shift_weighs_the_image_half_and_four_moved_views_an_eighth_each():
+    """eval_shift: besides the image (and its mirror under eval_flip), the views moved by
+    `shift` pixels up, down, left and right, edge rows repeated, each weighing 1/8; the same
+    views as NumPy's edge padding, and an error for a shift as large as the image."""
+    from resnet_jax.models import get_model
+    from resnet_jax.training.steps import eval_logits, shifted
+
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(5, 9, 11, 3)).astype(np.float32)
+
+    def moved(x, pixels, axis):  # NumPy: pad the edge, then cut the window
+        widths = [(0, 0)] * 4
+        widths[axis] = (max(pixels, 0), max(-pixels, 0))
+        padded = np.pad(x, widths, mode="edge")
+        start = max(-pixels, 0)
+        return np.take(padded, np.arange(start, start + x.shape[axis]), axis=axis)
+
+    for axis in (1, 2):
+        for pixels in (1, -1, 2, -3, 0):
+            np.testing.assert_array_equal(shifted(jnp.asarray(images), pixels, axis),
+                                          moved(images, pixels, axis))
+    assert not np.array_equal(moved(images, 1, 1), images)
+    with pytest.raises(ValueError, match="a shift of -9 pixels needs images larger than 9"):
+        shifted(jnp.asarray(images), -9, 1)
+
+    model = get_model("cifar_resnet20", num_classes=10, stage_sizes=(1, 1, 1))
+    variables = model.init(jax.random.key(0), images, train=False)
+    p = lambda x: np.asarray(jax.nn.softmax(model.apply(variables, x, train=False)))  # noqa
+    views = [moved(images, s, a) for a in (1, 2) for s in (1, -1)]
+    pair = lambda x: (p(x) + p(x[:, :, ::-1])) / 2  # noqa: E731
+    np.testing.assert_allclose(np.exp(eval_logits(model, variables, images, True, 1)),
+                               pair(images) / 2 + sum(pair(v) for v in views) / 8,
+                               rtol=1e-5, atol=1e-6)
+    alone = np.exp(eval_logits(model, variables, images, shift=1))
+    np.testing.assert_allclose(alone, p(images) / 2 + sum(p(v) for v in views) / 8,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(alone, p(images), atol=1e-4)  # the moved views change the answer
+    # the eval step takes the shift: its loss is the averaged probabilities' loss
+    state = types.SimpleNamespace(params=variables["params"],
+                                  batch_stats=variables["batch_stats"])
+    labels = rng.integers(0, 10, 5).astype(np.int32)
+    sums = make_eval_step(model, 10, get_loss("softmax_cross_entropy"), shift=1)(
+        state, {"image": images, "label": labels})
+    assert float(sums["loss"]) == pytest.approx(-np.sum(np.log(alone[np.arange(5), labels])),
+                                                rel=1e-5)
+
+
 # --- whole runs ---------------------------------------------------------------------------
 
 def test_a_few_steps_on_cifar10_prepared_offline_lower_the_loss(tmp_path):

@@ -98,6 +98,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                               "'validation' in tfds, 'val' of an image folder)"),
         "eval_flip": Field(False, "evaluation and predictions average the class probabilities "
                                   "of each image and its left-right mirror image"),
+        "eval_shift": Field(0, "> 0: evaluation and predictions also average the views of each "
+                               "image moved this many pixels up, down, left and right (edge "
+                               "rows repeated; each with its mirror under eval_flip), together "
+                               "weighing as much as the image itself", bounds=">= 0"),
         "test_every_period": Field(False, "also evaluate the test split after each period "
                                           "(test_* in metrics.jsonl, reported only)"),
         "image_size": Field(0, "variable-size datasets (ImageNet): crop size; 0: 224",

@@ -367,7 +367,8 @@ def make_steps(c: ml_collections.ConfigDict, model, num_classes: int, tx, schedu
         c.parallel, lambda axis: train_step(c, model, tx, schedule, axis),
         # evaluation reports the loss without label smoothing
         lambda axis: steps.make_eval_step(model, num_classes, get_loss(c.loss), axis,
-                                          c.eval_flip, device_input(c, train=False)),
+                                          c.eval_flip, device_input(c, train=False),
+                                          c.eval_shift),
         c.batch_size, eval_batch_size(c), jit_options(c), _state_specs(c))
 
 

@@ -165,7 +165,8 @@ class Run:
     def logits(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """The evaluation logits (N, classes) of raw uint8 images, before the softmax: what
         `export` writes for serving computes from `preprocess(images)`. With the run's
-        `eval_flip`, the log of the probabilities averaged over each image and its mirror."""
+        `eval_flip` or `eval_shift`, the log of the probabilities averaged over each image's
+        views (`steps.eval_logits`)."""
         return self._batched(self._logits, images, batch_size)
 
     def _batched(self, fn, images: np.ndarray, batch_size: int | None) -> np.ndarray:
@@ -241,15 +242,15 @@ class Run:
         with config.unlocked():
             config.cpu_kernels, config.dtype, config.sync_batch_norm = False, "float32", False
         model = experiment.build_model(config, len(self.class_names))
-        flip = self.config.get("eval_flip", False)
-        return lambda variables, images: eval_logits(model, variables, images, flip)
+        flip, shift = self._views
+        return lambda variables, images: eval_logits(model, variables, images, flip, shift)
 
     def _serving_description(self) -> dict[str, Any]:
         source_channels = (self.info.image_shape or (0, 0, 3))[-1]
         return {**self.preprocessing(),
                 "repeat_gray_to_rgb": bool(source_channels == 1 and self.image_shape[-1] == 3),
                 "scale": "x / 255, then (x - mean) / std per channel",
-                "eval_flip": bool(self.config.get("eval_flip", False)),
+                "eval_flip": self._views[0], "eval_shift": self._views[1],
                 "model": self.config.model, "step": self.step, "weights":
                 "ema" if self.ema else "trained", "run": os.path.abspath(self.workdir)}
 
@@ -265,12 +266,19 @@ class Run:
             raise ValueError(f"no top-level module {module!r}; modules: {', '.join(names)}")
         return np.asarray(found["__call__"][0])
 
+    @property
+    def _views(self) -> tuple[bool, int]:
+        """The config's test-time views: (eval_flip, eval_shift); runs from before
+        eval_shift existed have none shifted."""
+        return (bool(self.config.get("eval_flip", False)),
+                int(self.config.get("eval_shift", 0)))
+
     @functools.cached_property
     def _logits(self):
         options = experiment.jit_options(self.config)
-        flip = self.config.get("eval_flip", False)
+        flip, shift = self._views
         prepare = experiment.device_input(self.config, train=False)
-        return jax.jit(lambda v, x: eval_logits(self.model, v, prepare(x), flip),
+        return jax.jit(lambda v, x: eval_logits(self.model, v, prepare(x), flip, shift),
                        compiler_options=options("eval") if options else None)
 
     @functools.cached_property
@@ -285,8 +293,9 @@ class Run:
     @functools.cached_property
     def _eval_step(self):
         step = make_eval_step(self.model, len(self.class_names), get_loss(self.config.loss),
-                              flip=self.config.get("eval_flip", False),
-                              preprocess=experiment.device_input(self.config, train=False))
+                              flip=self._views[0],
+                              preprocess=experiment.device_input(self.config, train=False),
+                              shift=self._views[1])
         options = experiment.jit_options(self.config)
         return jax.jit(step, compiler_options=options("eval") if options else None)
 

@@ -192,30 +192,60 @@ def update_ema(average, new, step: jax.Array, decay: float, warmup: bool):
     return jax.tree.map(lambda a, n: (d * a + (1.0 - d) * n).astype(a.dtype), average, new)
 
 
-def eval_logits(model, variables, images: jax.Array, flip: bool = False) -> jax.Array:
-    """The model's logits in inference mode; with `flip`, the log of the class probabilities
-    averaged over each image and its left-right mirror (images are NHWC)."""
-    logits = model.apply(variables, images, train=False)
-    if not flip:
-        return logits
-    mirrored = model.apply(variables, jnp.flip(images, axis=2), train=False)
-    return jnp.log((jax.nn.softmax(logits.astype(jnp.float32))
-                    + jax.nn.softmax(mirrored.astype(jnp.float32))) / 2)
+def shifted(images: jax.Array, pixels: int, axis: int) -> jax.Array:
+    """`images` (NHWC) moved by `pixels` along `axis` (1: down, 2: right; negative: up,
+    left), the vacated rows or columns repeating the edge they moved away from. Slices and a
+    concatenation only, so exported graphs hold it."""
+    n = abs(pixels)
+    if n == 0:
+        return images
+    size = images.shape[axis]
+    if n >= size:
+        raise ValueError(f"a shift of {pixels} pixels needs images larger than {size} "
+                         f"along axis {axis}")
+    take = lambda start, stop: lax.slice_in_dim(images, start, stop, axis=axis)  # noqa: E731
+    if pixels > 0:
+        return jnp.concatenate([take(0, 1)] * n + [take(0, size - n)], axis=axis)
+    return jnp.concatenate([take(n, size)] + [take(size - 1, size)] * n, axis=axis)
+
+
+def eval_logits(model, variables, images: jax.Array, flip: bool = False,
+                shift: int = 0) -> jax.Array:
+    """The model's logits in inference mode. With `flip`, the log of the class probabilities
+    averaged over each image and its left-right mirror (images are NHWC). With `shift` > 0,
+    the image (and its mirror) weighs one half, and the four views moved by `shift` pixels
+    up, down, left and right (`shifted`; each with its mirror under `flip`) one eighth each."""
+    if not flip and not shift:
+        return model.apply(variables, images, train=False)
+
+    def probabilities(x):
+        p = jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
+        if flip:
+            p = (p + jax.nn.softmax(model.apply(variables, jnp.flip(x, axis=2), train=False)
+                                    .astype(jnp.float32))) / 2
+        return p
+
+    p = probabilities(images)
+    if shift:
+        moved = [shifted(images, sign * shift, axis) for axis in (1, 2) for sign in (1, -1)]
+        p = p / 2 + sum(probabilities(x) for x in moved) / 8
+    return jnp.log(p)
 
 
 def make_eval_step(model, num_classes: int, loss_fn: Loss, axis_name: str | None = None,
-                   flip: bool = False, preprocess: Callable | None = None
+                   flip: bool = False, preprocess: Callable | None = None, shift: int = 0
                    ) -> Callable[[TrainState, dict], Metrics]:
     """eval_step(state, batch) -> sums over the valid (mask=1) examples of the batch: loss,
     top-1 and top-5 hits (`accuracy`, `top5_accuracy`), `count`, and the `confusion` matrix
-    (true x predicted). Every key but those two is a sum to divide by the count. `flip`:
-    predictions from each image and its mirror image (`eval_logits`). `preprocess(images)`
+    (true x predicted). Every key but those two is a sum to divide by the count. `flip`,
+    `shift`: predictions from each image and its mirror image, and from views of it shifted
+    by `shift` pixels (`eval_logits`). `preprocess(images)`
     turns uint8 images into the model's input on the device."""
 
     def eval_step(state: TrainState, batch: dict) -> Metrics:
         images = preprocess(batch["image"]) if preprocess is not None else batch["image"]
         logits = eval_logits(model, {"params": state.params, "batch_stats": state.batch_stats},
-                             images, flip)
+                             images, flip, shift)
         mask = batch.get("mask", jnp.ones(logits.shape[0], jnp.float32))
         labels = batch["label"]
         predicted = jnp.argmax(logits, -1)
