@@ -198,8 +198,8 @@ def test_train_evaluate(best_run):
     assert args == argv(command(BEST), **{"runs/fashion_mnist_best": workdir})
     evaluate = command(".venv/bin/python -m experiments.evaluate")
     base = argv(evaluate.split(" [")[0], DIR=workdir)
-    options = re.findall(r"\[(--[a-z]+)(?: ([a-z|]+))?\]", evaluate)
-    assert [o[0] for o in options] == ["--split", "--checkpoint", "--ema"]
+    options = re.findall(r"\[(--[a-z]+)(?: ([A-Za-z|]+))?\]", evaluate)
+    assert [o[0] for o in options] == ["--split", "--checkpoint", "--ema", "--shift"]
     base += ["--subset", "300"]  # 300 examples of each split, sampled across the classes
     for split in options[0][1].split("|"):
         assert json.loads(run(base + ["--split", split]))["split"] == split
@@ -210,7 +210,12 @@ def test_train_evaluate(best_run):
         # the latest checkpoint is read as its trained weights
         assert result["weights"] == ("trained" if which == "latest" else chosen)
     assert json.loads(run(base + ["--checkpoint", "latest", "--ema"]))["weights"] == "ema"
-    assert json.loads(run(base))["split_is"] == "test"
+    default = json.loads(run(base))
+    assert default["split_is"] == "test"
+    # the shifted test-time views on the same weights: fashion_mnist_best evaluates without
+    plain, moved = (json.loads(run(base + ["--shift", n])) for n in ("0", "1"))
+    assert (default["shift"], plain["shift"], moved["shift"]) == (0, 0, 1)
+    assert plain["loss"] == default["loss"] and moved["loss"] != plain["loss"]
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
 """The main job: a small residual net (ResNet-8) on real Fashion-MNIST, SGD with Nesterov
 momentum and a one-cycle schedule to 0.2, weight decay 5e-4, label smoothing 0.1, flips,
-9 epochs, predictions averaged over each image and its mirror, the test split evaluated once
-at the end; convolutions with bfloat16 operands on CPUs that multiply them in hardware.
+9 epochs, predictions averaged over each image and its mirror and, at half the weight, over
+the four views moved one pixel, the test split evaluated once at the end; convolutions with
+bfloat16 operands on CPUs that multiply them in hardware.
 
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
-Expected: 93.4-93.5% test accuracy (93.480 ± 0.035% over seeds 0-4, measured on 2026-12-07
-with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 93-99 s) in
+Expected: 93.4-93.6% test accuracy (93.504 ± 0.089% over seeds 0-4, measured on 2026-12-07
+with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 93-103 s) in
 1.5-5 minutes of training on a 2-core CPU, depending on the CPU and the VM's speed that day
 (RESULTS.md), against the 91.3-91.4% of the seed article's ResNet-50 after 400 epochs.
 """
