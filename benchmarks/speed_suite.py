@@ -233,6 +233,12 @@ def worker(framework, model_name, repeats, warmup, threads) -> dict:
     return out
 
 
+def _result_line(stdout: str) -> str | None:
+    """The last line of a worker's output that carries its record (`RESULT {json}`)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return lines[-1] if lines else None
+
+
 def worker_output(framework, model_name, repeats, warmup, threads, env_changes=None) -> str:
     """The stdout of `worker` in a fresh process, which ends with its RESULT line;
     `env_changes`: variables to set there (None: unset)."""
@@ -246,7 +252,7 @@ def worker_output(framework, model_name, repeats, warmup, threads, env_changes=N
     cmd = [sys.executable, "-m", "benchmarks.speed_suite", framework, model_name,
            str(repeats), str(warmup), str(threads)]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode or "\nRESULT " not in "\n" + out.stdout:
+    if out.returncode or _result_line(out.stdout) is None:
         raise RuntimeError(f"{framework} {model_name} failed:\n{out.stderr[-3000:]}")
     return out.stdout
 
@@ -254,8 +260,7 @@ def worker_output(framework, model_name, repeats, warmup, threads, env_changes=N
 def _run_worker(framework, model_name, repeats, warmup, threads, env_changes=None) -> dict:
     """`worker`'s record, from a fresh process (`worker_output`)."""
     stdout = worker_output(framework, model_name, repeats, warmup, threads, env_changes)
-    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[-1][7:])
+    return json.loads(_result_line(stdout)[len("RESULT "):])
 
 
 def _median_record(records: list[dict]) -> dict:
