@@ -54,15 +54,15 @@ print(json.dumps({"resnet_jax": any(m.split(".")[0] == "resnet_jax" for m in sys
 """
 
 
-def family_run(name: str, workdir: str, eval_flip: bool = False) -> Run:
+def family_run(name: str, workdir: str, eval_flip: bool = False, eval_shift: int = 0) -> Run:
     """A run of `name` as `Run.load` would give it, with random weights (nothing trained),
     evaluating with the project's CPU kernels in float32 (the export is float32 on XLA's
-    own operations; a run with bfloat16 convolutions differs from it by their rounding).
-    `eval_flip` brings the main job's test-time views: mirrors and one-pixel shifts."""
+    own operations; a run with bfloat16 convolutions differs from it by their rounding),
+    with the test-time views `eval_flip` and `eval_shift`."""
     dataset, size, overrides = FAMILIES[name]
     config = load_config("fashion_mnist", model=name, dataset=dataset, image_size=size,
                          eval_image_size=size, model_overrides=overrides, num_classes=10,
-                         eval_flip=eval_flip, eval_shift=int(eval_flip), eval_batch_size=8,
+                         eval_flip=eval_flip, eval_shift=eval_shift, eval_batch_size=8,
                          cpu_kernels=True, cpu_conv_dtype="float32")
     model = experiment.build_model(config, 10)
     shape = experiment.image_shape(config)
@@ -84,7 +84,8 @@ def assert_logits_close(got: np.ndarray, want: np.ndarray) -> None:
 def test_every_family_exports_to_onnx_with_the_runs_logits(name, tmp_path):
     import onnxruntime
 
-    run = family_run(name, str(tmp_path / "run"), eval_flip=name == "fashion_mnist_resnet8")
+    main_job = name == "fashion_mnist_resnet8"  # its test-time views: mirrors and shifts
+    run = family_run(name, str(tmp_path / "run"), eval_flip=main_job, eval_shift=int(main_job))
     raw = images_for(run)
     x, want = run.preprocess(raw), run.logits(raw)
     onnx_file = run.export(str(tmp_path / "onnx"), format="onnx")

@@ -37,7 +37,7 @@ TRAIN_COMMAND = (".venv/bin/python -m experiments.train --config "
 TINY = {"train_subset": 512, "validation_split": 0.125, "eval_subset": 200, "batch_size": 64,
         "eval_batch_size": 100, "num_epochs": 2, "checkpoint_every_steps": 2,
         "log_every_steps": 2, "test_every_period": False, "ema_decay": 0.9,
-        "progress_bar": False}
+        "progress_bar": False, "eval_shift": 0}  # the shifted views: tests/test_api.py
 TINY_ARGS = [f"--config.{k}={v}" for k, v in TINY.items()]
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 # what differs between two runs of the same computation: the clock

@@ -213,9 +213,8 @@ def test_train_evaluate(best_run):
     default = json.loads(run(base))
     assert default["split_is"] == "test"
     # the shifted test-time views on the same weights: fashion_mnist_best evaluates without
-    plain, moved = (json.loads(run(base + ["--shift", n])) for n in ("0", "1"))
-    assert (default["shift"], plain["shift"], moved["shift"]) == (0, 0, 1)
-    assert plain["loss"] == default["loss"] and moved["loss"] != plain["loss"]
+    moved = json.loads(run(base + ["--shift", "1"]))
+    assert (default["shift"], moved["shift"]) == (0, 1) and moved["loss"] != default["loss"]
 
 
 @pytest.fixture(scope="module")

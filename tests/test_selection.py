@@ -235,9 +235,10 @@ def test_the_best_checkpoint_is_chosen_on_validation_and_the_test_split_read_onc
     assert (one["flip"], both["flip"], val["flip"]) == (False, True, False)
     assert one["loss"] == val["loss"] and both["loss"] != one["loss"]
     # --shift N adds the views moved N pixels, whatever the run's eval_shift; --shift 0: none
-    moved = evaluate_run(quiet, "validation", flip=True, shift=1)
-    assert (moved["shift"], val["shift"]) == (1, 0) and moved["loss"] != both["loss"]
-    assert evaluate_run(quiet, "validation", flip=True, shift=0)["loss"] == both["loss"]
+    moved = evaluate_run(quiet, "validation", subset=64, flip=True, shift=1)
+    flipped = evaluate_run(quiet, "validation", subset=64, flip=True, shift=0)
+    assert (moved["shift"], flipped["shift"], val["shift"]) == (1, 0, 0)
+    assert moved["count"] == flipped["count"] == 64 and moved["loss"] != flipped["loss"]
     with pytest.raises(ValueError, match="shift must be 0 .* got -1"):
         evaluate_run(quiet, "validation", shift=-1)
 
