@@ -39,8 +39,9 @@ def get_config():
     c.selection_metric = "val_accuracy"
     c.selection_weights = "either"
     c.eval_flip = True
-    # the main job's shifted test-time views were measured on its flip-only net, not on this
-    # recipe's crops; they would also cost about 5 s at each of 26 evaluations
+    # no shifted test-time views yet: one run of this recipe gained +0.25 points on
+    # validation with them (RESULTS.md), but each of its 26 evaluations would run five times
+    # the passes, about 11 minutes more on a family-26 EPYC
     c.eval_shift = 0
     c.eval_every_epochs = 4
     c.test_every_period = True  # for the curves; reported only
