@@ -461,6 +461,14 @@ def test_eval_shift_weighs_the_image_half_and_four_moved_views_an_eighth_each():
     np.testing.assert_allclose(alone, p(images) / 2 + sum(p(v) for v in views) / 8,
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(alone, p(images), atol=1e-4)  # the moved views change the answer
+    # the views run through one traced copy of the net; unrolled (for exporters), one each
+    np.testing.assert_allclose(eval_logits(model, variables, images, True, 1, unroll=True),
+                               eval_logits(model, variables, images, True, 1), rtol=1e-5,
+                               atol=1e-6)
+    convs = lambda **kw: str(jax.make_jaxpr(  # noqa: E731
+        lambda x: eval_logits(model, variables, x, **kw))(images)).count("conv_general")
+    assert convs(flip=True, shift=1) == convs() > 0
+    assert convs(flip=True, shift=1, unroll=True) == 10 * convs()
     # the eval step takes the shift: its loss is the averaged probabilities' loss
     state = types.SimpleNamespace(params=variables["params"],
                                   batch_stats=variables["batch_stats"])

@@ -237,13 +237,15 @@ class Run:
         return path
 
     def _serving_logits(self):
-        """eval_logits of the run's model rebuilt on plain XLA operations in float32."""
+        """eval_logits of the run's model rebuilt on plain XLA operations in float32, one
+        traced copy per view (no loop for the exporters)."""
         config = self.config.copy_and_resolve_references()
         with config.unlocked():
             config.cpu_kernels, config.dtype, config.sync_batch_norm = False, "float32", False
         model = experiment.build_model(config, len(self.class_names))
         flip, shift = self._views
-        return lambda variables, images: eval_logits(model, variables, images, flip, shift)
+        return lambda variables, images: eval_logits(model, variables, images, flip, shift,
+                                                     unroll=True)
 
     def _serving_description(self) -> dict[str, Any]:
         source_channels = (self.info.image_shape or (0, 0, 3))[-1]

@@ -209,26 +209,42 @@ def shifted(images: jax.Array, pixels: int, axis: int) -> jax.Array:
     return jnp.concatenate([take(n, size)] + [take(size - 1, size)] * n, axis=axis)
 
 
+def eval_views(images: jax.Array, flip: bool = False, shift: int = 0
+               ) -> tuple[list[jax.Array], list[float]]:
+    """The test-time views of NHWC `images` and their weights (summing to 1): the images,
+    with `flip` also their left-right mirror; with `shift` > 0 the images weigh one half and
+    the four views moved by `shift` pixels up, down, left and right (`shifted`) one eighth
+    each, every view sharing its weight with its mirror under `flip`."""
+    groups = [images]
+    if shift:
+        groups += [shifted(images, sign * shift, axis) for axis in (1, 2) for sign in (1, -1)]
+    group_weights = [1 / 2] + [1 / 8] * 4 if shift else [1.0]
+    views, weights = [], []
+    for x, w in zip(groups, group_weights):
+        views += [x, jnp.flip(x, axis=2)] if flip else [x]
+        weights += [w / 2] * 2 if flip else [w]
+    return views, weights
+
+
 def eval_logits(model, variables, images: jax.Array, flip: bool = False,
-                shift: int = 0) -> jax.Array:
-    """The model's logits in inference mode. With `flip`, the log of the class probabilities
-    averaged over each image and its left-right mirror (images are NHWC). With `shift` > 0,
-    the image (and its mirror) weighs one half, and the four views moved by `shift` pixels
-    up, down, left and right (`shifted`; each with its mirror under `flip`) one eighth each."""
+                shift: int = 0, unroll: bool = False) -> jax.Array:
+    """The model's logits in inference mode. With `flip` or `shift`, the log of the class
+    probabilities averaged over the views of `eval_views` with their weights. The views run
+    one after another through a single traced copy of the model (`lax.map`), so the step
+    compiles and holds activations as for one view; `unroll=True` traces one copy per view
+    instead, a graph of plain operations for exporters that take no loops."""
     if not flip and not shift:
         return model.apply(variables, images, train=False)
+    views, weights = eval_views(images, flip, shift)
 
     def probabilities(x):
-        p = jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
-        if flip:
-            p = (p + jax.nn.softmax(model.apply(variables, jnp.flip(x, axis=2), train=False)
-                                    .astype(jnp.float32))) / 2
-        return p
+        return jax.nn.softmax(model.apply(variables, x, train=False).astype(jnp.float32))
 
-    p = probabilities(images)
-    if shift:
-        moved = [shifted(images, sign * shift, axis) for axis in (1, 2) for sign in (1, -1)]
-        p = p / 2 + sum(probabilities(x) for x in moved) / 8
+    if unroll:
+        p = sum(w * probabilities(x) for x, w in zip(views, weights))
+    else:
+        p = jnp.einsum("v,vnc->nc", jnp.asarray(weights, jnp.float32),
+                       lax.map(probabilities, jnp.stack(views)))
     return jnp.log(p)
 
 
