@@ -7,7 +7,8 @@ bfloat16 operands on CPUs that multiply them in hardware.
     python -m experiments.train --config experiments/configs/fashion_mnist.py --workdir runs/fashion_mnist
 
 Expected: 93.4-93.6% test accuracy (93.504 ± 0.089% over seeds 0-4, measured on 2026-12-07
-with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 93-103 s) in
+with experiments.sweep on a 2-core AMD EPYC of family 26, training loops of 93-103 s; the
+same accuracies on one of family 25, loops of 158-172 s) in
 1.5-5 minutes of training on a 2-core CPU, depending on the CPU and the VM's speed that day
 (RESULTS.md), against the 91.3-91.4% of the seed article's ResNet-50 after 400 epochs.
 """
