@@ -483,13 +483,16 @@ def test_accelerator(tmp_path):
     """The accelerator benchmark at CPU sizes: both sides measured, the ratio, the step's FLOPs
     from XLA's cost analysis and the MFU they give against a stated peak."""
     bench = command(".venv/bin/python -m experiments.benchmark --accelerator")
-    run(argv(bench) + ["--sizes", "tiny", "--models", "cifar_resnet20", "--steps", "2",
-                       "--warmup", "1", "--repeats", "1", "--data-workers", "1",
+    # bfloat16 only, the dtype of the accelerator runs: each dtype is three processes, one of
+    # them torch.compile's (149 s for both dtypes on a 2-core family-25 EPYC in CI); the
+    # dtypes' peaks are checked in tests/test_training.py
+    run(argv(bench) + ["--sizes", "tiny", "--models", "cifar_resnet20", "--dtypes", "bfloat16",
+                       "--steps", "2", "--warmup", "1", "--repeats", "1", "--data-workers", "1",
                        "--peak-tflops", "1", "--results-dir", str(tmp_path)])
     table = json.load(open(tmp_path / "accelerator_cpu_tiny.json"))
     rows = table["rows"]
     assert [(r["model"], r["dtype"], r["batch"]) for r in rows] == [
-        ("cifar_resnet20", "bfloat16", 16), ("cifar_resnet20", "float32", 16)]
+        ("cifar_resnet20", "bfloat16", 16)]
     for r in rows:
         assert r["jax_img_s"] > 0 and r["torch_img_s"] > 0 and r["fed_img_s"] > 0
         # the ratio is written to 3 decimals (up to 5e-4 off) from unrounded rates, which are
