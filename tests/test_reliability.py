@@ -52,8 +52,8 @@ def cli_args(c: ml_collections.ConfigDict, workdir: str) -> list[str]:
     # a test record every period, which the tests that read the records were written for (the
     # main job evaluates the test split once, at the end)
     args.append("--config.test_every_period=True")
-    # one view pair: these tests are about the training state (the shifted views compile an
-    # eval step five times the size in each process; tests/test_api.py runs them)
+    # one view pair: these tests are about the training state (the shifted views add four
+    # flip-averaged passes to each evaluation; tests/test_api.py runs them)
     args.append("--config.eval_shift=0")
     return args
 
