@@ -224,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         if args.platform == "cpu":
             env["JAX_PLATFORMS"] = "cpu"
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+            # the caller's own XLA flags kept, the device count replaced
+            kept = [f for f in env.get("XLA_FLAGS", "").split()
+                    if not f.startswith("--xla_force_host_platform_device_count")]
+            env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={n}"])
         else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
         cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", "--model", args.model,

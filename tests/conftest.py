@@ -23,6 +23,23 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 # with them and 7.0 s with only those over 0.2 s
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+# The tests check what the programs compute, not how fast they run (the benchmarks do): XLA's
+# CPU backend builds the suite's thousands of programs with LLVM's optimization level 0. The
+# programs' HLO (fusions, layouts, custom calls) is the same; only the machine code is less
+# optimised. On a 2-core family-25 EPYC, tests/test_models.py took 122.5 s with it against
+# 162.3 s without, tests/ops/test_cpu_conv.py 57.5 s against 84.4 s; the training-heavy
+# tests/test_population.py with test_training.py 196.5 s against 211.2 s. Every process the
+# tests start inherits it; a test that sets XLA_FLAGS itself extends these (`xla_flags`).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist's workers inherit it
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), TEST_XLA_FLAGS]))
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a process of the tests with `devices` CPU devices."""
+    return f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+
+
 # Under xdist, each worker's OpenMP threads (oneDNN's convolutions, PyTorch) get their share of
 # the cores and no more: with `-n 2` on 2 cores, two processes of 2 spinning threads each were
 # a third slower on the training tests than one thread each. Set before anything loads OpenMP;
@@ -136,6 +153,10 @@ WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
 def run_worker(tmp_path, devices: int, strategies: list[str], sync_bn: bool,
                ops_bn: bool = False) -> dict:
     out = tmp_path / f"{devices}_{'_'.join(strategies)}_{sync_bn}_{ops_bn}.npz"
+    # at XLA's default optimization level, where the layouts' agreement bound (1e-5 of each
+    # array's scale) was set: at level 0 the BatchNorm means, near zero beside activations of
+    # scale 1, differed between 1 and 4 devices by 1.4e-4 of their own scale (sums in another
+    # order), 1.4x that bound
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, WORKER, str(out), *strategies] + (["--sync-bn"] if sync_bn else [])

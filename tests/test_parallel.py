@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_close, by_strategy, run_worker
+from conftest import ROOT, assert_close, by_strategy, run_worker, xla_flags
 
 @pytest.fixture(scope="module")
 def sync_bn_runs(tmp_path_factory):
@@ -38,7 +38,7 @@ def test_per_device_bn_pmap_and_sharded_agree_and_differ_from_sync(tmp_path, syn
 
 def run_snippet(code: str, devices: int, timeout: int = 600) -> str:
     """Run Python `code` in a fresh process with `devices` CPU devices; its stdout."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, timeout=timeout,
                             capture_output=True, text=True)

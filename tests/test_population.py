@@ -23,7 +23,7 @@ from resnet_jax.training.config_json import run_config
 from resnet_jax.training.loop import train_and_evaluate
 from resnet_jax.configs import load_config
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from test_readme import argv, command
 from test_reliability import final_state
 
@@ -81,9 +81,11 @@ def assert_same_run(member: str, separate: str, resumed: bool = False) -> None:
 
 def sweep(workdir: str, population: bool) -> subprocess.CompletedProcess:
     """The README's population sweep (or the same without --population) on tiny data."""
-    cmd = argv(command(SWEEP_COMMAND), **{"runs/population_lr": workdir}) + TINY_ARGS
-    assert cmd[cmd.index("--population"):cmd.index("--population") + 2] == ["--population",
-                                                                             "6"]
+    readme = command(SWEEP_COMMAND)
+    assert "--grid learning_rate=0.1,0.2 --seeds 3 --population 6" in readme
+    # two seeds of each rate here, in one population of 4: the same command at 2/3 the runs
+    cmd = argv(readme, **{"runs/population_lr": workdir,
+                          "--seeds 3 --population 6": "--seeds 2 --population 4"}) + TINY_ARGS
     if not population:
         del cmd[cmd.index("--population"):cmd.index("--population") + 2]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -118,9 +120,9 @@ def latest_dirs(member: str) -> list[int]:
     return [int(n) for n in os.listdir(latest) if n.isdigit()] if os.path.isdir(latest) else []
 
 
-@pytest.mark.slow  # two sweeps of 6 runs, a killed population of 3 resumed
+@pytest.mark.slow  # two sweeps of 4 runs, a killed population of 2 resumed
 def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
-    # the sweep without populations: 6 ordinary runs, the references. One at a time: with
+    # the sweep without populations: 4 ordinary runs, the references. One at a time: with
     # --jobs 2 each run has one core, and oneDNN's convolutions split their sums by threads
     apart = str(tmp_path / "apart")
     done = sweep(apart, population=False)
@@ -132,30 +134,30 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
                for s, lr in ((0, 0.1), (1, 0.1), (2, 0.2))]
     assert population.groups(configs) == [[0, 1], [2]]
 
-    # 2. the same sweep packed into one population of 6: the same summary
+    # 2. the same sweep packed into one population of 4: the same summary
     packed = str(tmp_path / "packed")
     done = sweep(packed, population=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "6 of 6 runs to train in 1 population(s)" in done.stdout
+    assert "4 of 4 runs to train in 1 population(s)" in done.stdout
     assert summary_rows(packed) == summary_rows(apart)
     with open(os.path.join(packed, "summary.md")) as f, open(os.path.join(apart,
                                                                          "summary.md")) as g:
         assert [line.split("|")[:-2] for line in f] == [line.split("|")[:-2] for line in g]
     for lr in (0.1, 0.2):
-        for seed in range(3):
+        for seed in range(2):
             name = f"learning_rate={lr},seed={seed}"
             member = run_config(os.path.join(packed, "runs", name))
             assert member.seed == seed and member.learning_rate == lr
             assert_same_run(os.path.join(packed, "runs", name), run(lr, seed))
 
-    # 3. the README's train command, 3 members (seeds 0-2 at 0.1), SIGKILLed after a checkpoint;
+    # 3. the README's train command, 2 members (seeds 0-1 at 0.1), SIGKILLed after a checkpoint;
     # one member's newest checkpoint removed as if the kill fell between two members' saves
     pop = str(tmp_path / "pop")
     cmd = argv(command(TRAIN_COMMAND), **{"runs/population_fm": pop,
-                                           "population_size=5": "population_size=3"})
+                                           "population_size=5": "population_size=2"})
     cmd += ["--config.learning_rate=0.1", *TINY_ARGS]
-    assert "--config.population_size=3" in cmd
-    members = [os.path.join(pop, f"seed={s}") for s in range(3)]
+    assert "--config.population_size=2" in cmd
+    members = [os.path.join(pop, f"seed={s}") for s in range(2)]
     kill_after_two_checkpoints(cmd, members)
     saved = [latest_steps(m) for m in members]
     assert all(len(steps) >= 2 for steps in saved), saved
@@ -172,9 +174,9 @@ def test_members_end_bit_for_bit_where_their_separate_runs_end(tmp_path):
     assert [line for line in resumed.stdout.splitlines() if line.startswith("seed=")] == [
         f"seed={s}: final: step 16 test_accuracy "
         f"{json.loads(open(run(0.1, s) + '/metrics.jsonl').readlines()[-1])['test_accuracy']:.4f}"
-        for s in range(3)]
+        for s in range(2)]
     with open(os.path.join(pop, population.POPULATION_FILE)) as f:
-        assert [m["workdir"] for m in json.load(f)["members"]] == ["seed=0", "seed=1", "seed=2"]
+        assert [m["workdir"] for m in json.load(f)["members"]] == ["seed=0", "seed=1"]
 
 
 def tiny(**overrides):
@@ -238,7 +240,7 @@ def test_a_member_that_changes_shapes_is_refused_naming_the_field(tmp_path, chan
 
 
 def one_line_error(args: list[str], devices: int = 1) -> str:
-    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(ENV, XLA_FLAGS=xla_flags(devices))
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--config", "fashion_mnist",
                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
@@ -296,7 +298,7 @@ print("RESULT " + json.dumps(out))
 def test_members_on_two_devices_equal_their_runs_on_two_devices(tmp_path):
     values = {**TINY, "train_subset": 256, "num_epochs": 1, "validation_split": 0.0,
               "ema_decay": 0.0}
-    env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(ENV, XLA_FLAGS=xla_flags(2))
     out = subprocess.run([sys.executable, "-c", WORKER, str(tmp_path), json.dumps(values)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

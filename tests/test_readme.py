@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 README = os.path.join(ROOT, "README.md")
 TINY_TRAIN = ["--config.train_subset=512", "--config.eval_subset=200", "--config.num_epochs=1",
@@ -57,7 +57,7 @@ def argv(cmd: str, **substitute: str) -> list[str]:
 def run(args: list[str], cwd: str = ROOT, devices: int = 1, env: dict | None = None,
         timeout: int = 600) -> str:
     full = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+                XLA_FLAGS=xla_flags(devices), **(env or {}))
     result = subprocess.run(args, cwd=cwd, env=full, capture_output=True, text=True,
                             timeout=timeout)
     if result.returncode != 0:
@@ -271,7 +271,7 @@ def test_slurm_on_two_processes_of_8_devices(tmp_path, imagenet_dir):
     procs = []
     for rank in range(2):
         env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=imagenet_dir,
-                   XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   XLA_FLAGS=xla_flags(8),
                    SLURM_JOB_ID=job, SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
                    SLURM_PROCID=str(rank), SLURM_LOCALID="0", SLURM_STEP_NUM_NODES="2")
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,

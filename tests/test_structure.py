@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 NO_SIDE_EFFECTS = r"""
 import ctypes, json, os, signal, subprocess, threading
@@ -309,7 +309,7 @@ def test_bad_input_on_the_command_line_is_one_line_naming_it(tmp_path, case):
     given = {a.split("=")[0] for a in arguments}
     args = ([] if given & {"--config"} else ["--config", FASHION])
     args += ([] if "--workdir" in given else ["--workdir", str(tmp_path / "run")]) + arguments
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
     out = subprocess.run([sys.executable, "-m", "experiments.train", *args, "--config.progress_bar=False"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
