@@ -154,9 +154,10 @@ def run_worker(tmp_path, devices: int, strategies: list[str], sync_bn: bool,
                ops_bn: bool = False) -> dict:
     out = tmp_path / f"{devices}_{'_'.join(strategies)}_{sync_bn}_{ops_bn}.npz"
     # at XLA's default optimization level, where the layouts' agreement bound (1e-5 of each
-    # array's scale) was set: at level 0 the BatchNorm means, near zero beside activations of
-    # scale 1, differed between 1 and 4 devices by 1.4e-4 of their own scale (sums in another
-    # order), 1.4x that bound
+    # array's largest value) was set: at level 0 the first BatchNorm's means (about 1e-4)
+    # differed between 1 and 4 devices by 1.4e-5 of their largest value (sums in another
+    # order), and with the means bounded by their layer's deviation instead, one mean of
+    # another layer still differed by 1.1e-5 of it
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, WORKER, str(out), *strategies] + (["--sync-bn"] if sync_bn else [])
