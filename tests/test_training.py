@@ -215,6 +215,23 @@ def _opt_config(**kw):
     return c
 
 
+def test_checkpoints_every_n_epochs_follow_the_epoch_length_and_exclude_steps():
+    from resnet_jax.configs import load_config
+    from resnet_jax.data.order import steps_per_epoch
+
+    c = load_config("fashion_mnist_best")  # 54,000 training images kept of 60,000
+    kept = 60_000 - round(60_000 * c.validation_split)
+    assert durations(c, steps_per_epoch(kept, 128)).checkpoint_every_steps == 4 * 421
+    c = load_config("fashion_mnist_best", batch_size=64)
+    assert durations(c, steps_per_epoch(kept, 64)).checkpoint_every_steps == 4 * 843
+    assert durations(load_config("fashion_mnist"), 468).checkpoint_every_steps == 0
+    with pytest.raises(ValueError, match="checkpoint_every_steps=100 and checkpoint_every_"
+                                         "epochs=4: set one of them and the other to 0"):
+        load_config("fashion_mnist_best", checkpoint_every_steps=100)
+    c = load_config("fashion_mnist_best", checkpoint_every_steps=100, checkpoint_every_epochs=0)
+    assert durations(c, steps_per_epoch(kept, 128)).checkpoint_every_steps == 100
+
+
 def test_warmup_start_cosine_end_and_lars_trust_are_config_fields():
     c = _opt_config(schedule="cosine", learning_rate=0.4, warmup_epochs=1, num_epochs=3,
                     warmup_init_fraction=0.25, cosine_end_fraction=0.1)

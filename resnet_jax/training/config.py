@@ -5,9 +5,9 @@ before any data is read or any step is compiled.
 A config is a flat `ml_collections.ConfigDict` (so `--config.num_epochs=3` overrides work);
 `SCHEMA` groups its fields into sections. Durations are written in the unit natural to the
 recipe (`num_epochs` or `num_steps`, `warmup_epochs`, `lr_boundaries` in steps or epochs,
-`eval_every_epochs`, `checkpoint_every_steps`); `durations.durations()` alone turns them into
-steps. A run's config as JSON (its config.json): `config_json`; config files by name:
-`resnet_jax.configs`.
+`eval_every_epochs`, `checkpoint_every_steps` or `checkpoint_every_epochs`);
+`durations.durations()` alone turns them into steps. A run's config as JSON (its
+config.json): `config_json`; config files by name: `resnet_jax.configs`.
 """
 
 from __future__ import annotations
@@ -272,6 +272,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                       "the device count on several devices)", bounds="> 0"),
         "eval_every_epochs": Field(1, "evaluate (and checkpoint) every N epochs", bounds=">= 1"),
         "checkpoint_every_steps": Field(0, ">0: also checkpoint every N steps", bounds=">= 0"),
+        "checkpoint_every_epochs": Field(0, ">0: also checkpoint every N epochs (in steps: "
+                                            "as many as the batch size and the held-out "
+                                            "split make; not with checkpoint_every_steps)",
+                                         bounds=">= 0"),
         "keep_checkpoints": Field(2, "latest checkpoints kept", bounds=">= 1"),
         "log_every_steps": Field(20, "train metrics window (progress bar, "
                                      "train_metrics.jsonl)", bounds=">= 1"),
@@ -357,6 +361,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if missing:
         raise ValueError(f"config lacks field(s) {missing}; start from base_config()")
     get_spec(c.model)  # names the known models
+    if c.checkpoint_every_steps and c.checkpoint_every_epochs:
+        raise ValueError(f"checkpoint_every_steps={c.checkpoint_every_steps} and "
+                         f"checkpoint_every_epochs={c.checkpoint_every_epochs}: set one of "
+                         "them and the other to 0")
     if c.schedule == "piecewise" and not len(c.lr_boundaries):
         raise ValueError("schedule='piecewise' needs lr_boundaries")
     if len(c.input_mean) != len(c.input_std) or any(s <= 0 for s in c.input_std):

@@ -31,5 +31,6 @@ def durations(c: ml_collections.ConfigDict, steps_per_epoch: int) -> Durations:
         warmup_steps=int(round(c.warmup_epochs * steps_per_epoch)),
         lr_boundaries=tuple(int(round(b * unit)) for b in c.lr_boundaries),
         eval_every_steps=c.eval_every_epochs * steps_per_epoch,
-        checkpoint_every_steps=c.checkpoint_every_steps,
+        checkpoint_every_steps=c.checkpoint_every_steps
+        or c.checkpoint_every_epochs * steps_per_epoch,
     )
