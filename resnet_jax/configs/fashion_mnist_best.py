@@ -1,14 +1,13 @@
 """Fashion-MNIST near its state of the art on a 2-core CPU: ResNet-8 at twice the main job's
 width (`fashion_mnist_wide_resnet8`, 1.2M parameters), 52 epochs of SGD with Nesterov
 momentum and a one-cycle schedule to 0.2, weight decay 5e-4, label smoothing 0.1, pad-2
-crops and flips, an exponential moving average of the weights
-(decay 0.999); predictions average each image's and its mirror image's probabilities
-(`eval_flip`) and, at half the weight, over the four views moved one pixel
-(`eval_shift`); convolutions multiply bfloat16 operands and accumulate in float32
-(`cpu_conv_dtype`). 6,000 training images are held out: every 13 epochs the trained and
-the EMA weights are evaluated on them, and the model handed over is the better of the two
-at the best evaluation (`selection_weights="either"`); the test split is evaluated once,
-after the last step, and decides nothing.
+crops and flips, an exponential moving average of the weights (decay 0.999); predictions
+average each image's and its mirror image's probabilities (`eval_flip`) and, at half the
+weight, over the four views moved one pixel (`eval_shift`); convolutions multiply bfloat16
+operands and accumulate in float32 (`cpu_conv_dtype`). 6,000 training images are held out:
+every 13 epochs the trained and the EMA weights are evaluated on them, and the model handed
+over is the better of the two at the best evaluation (`selection_weights="either"`); the
+test split is evaluated once, after the last step, and decides nothing.
 
     python -m experiments.train --config experiments/configs/fashion_mnist_best.py --workdir runs/fashion_mnist_best
 
@@ -18,10 +17,10 @@ the last step, val 95.30% against the EMA's 95.23%) from a 52 min 7 s training c
 2026-12-07, at 914-978 images/s. Earlier versions on the same kind of machine: random
 erasing 0.25, 94.59% in 46 min 20 s (a faster hour, 1,055-1,095 images/s); flip-only views
 and evaluations every 4 epochs, 94.62% in 56 min 21 s; 44 epochs, 94.45% in 44 min 39 s; 56
-float32 epochs, 94.59% in 112 minutes. RESULTS.md has the
-figures and the plot of test accuracy against time beside the main job's. Anchors:
-Zalando's benchmark lists WRN-28-10 at 95.9% (96.3% with random erasing) after hundreds of
-GPU epochs; the seed article's ResNet-50 91.4% after 400.
+float32 epochs, 94.59% in 112 minutes. RESULTS.md has the figures and the plot of test
+accuracy against time beside the main job's. Anchors: Zalando's benchmark lists WRN-28-10 at
+95.9% (96.3% with random erasing) after hundreds of GPU epochs; the seed article's ResNet-50
+91.4% after 400.
 """
 
 from resnet_jax.configs import fashion_mnist
